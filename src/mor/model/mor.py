@@ -1,0 +1,349 @@
+"""MoRForCausalLM: one model class for vanilla, recursive and Mixture-of-Recursions language models.
+
+Forward pass (MOR_SPEC 14): embed -> prelude (unique first layer of middle-* sharing) -> the shared block,
+applied once per recursion step to the tokens routed there -> coda (unique last layer) -> norm -> tied head.
+
+Every recursion step runs on a *gathered* dense batch of only the tokens it processes, with rotary angles at
+their original positions, so the FLOP and memory savings of routing are real (DESIGN decision 3). Attention
+at a step sees only the tokens of that step (recursion-wise caching) or, with ``kv_cache="share"``, the
+keys/values that the first application of the same layer computed for every token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mor.config import ROUTING_MODES, MoRConfig
+from mor.model.layers import KV, DecoderLayer, RMSNorm, RotaryEmbedding, TokenLayout, allowed_attention
+from mor.model.routing import ExpertChoice, RoutingResult, Selection, TokenChoice, pack
+from mor.model.sharing import LayerPlan, layer_plan
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class MoROutput:
+    logits: Tensor
+    loss: Tensor | None = None
+    lm_loss: Tensor | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    depths: Tensor | None = None  # [B, T] recursion steps each token ran
+    router_stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+class MoRModel(nn.Module):
+    """The decoder stack without the language-model head."""
+
+    def __init__(self, config: MoRConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.plan: LayerPlan = layer_plan(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Distinct layers only: an unrolled position that shares weights runs the very same module, so every
+        # weight of the shared block (attention, MLP, norms) is tied across recursions.
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_unique_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.expert = ExpertChoice(config) if config.router == "expert" else None
+        self.token = TokenChoice(config) if config.router == "token" else None
+
+    def unrolled_layer(self, position: int) -> DecoderLayer:
+        return self.layers[self.plan.layer_of[position]]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        routing: str = "topk",
+        max_recursions: int | None = None,
+    ) -> tuple[Tensor, Tensor, RoutingResult]:
+        """Final hidden states [B, T, d], recursion depth per token [B, T] and routing losses/statistics."""
+        batch, seq_len = input_ids.shape
+        layout = _input_layout(input_ids, attention_mask, document_ids)
+        hidden = self.embed_tokens(input_ids)
+        rope = self.rotary(layout.positions, hidden.dtype)
+        mask = allowed_attention(layout, layout)
+        result = RoutingResult()
+        kvs: dict[int, tuple[KV, TokenLayout]] = {}
+
+        for position in self.plan.prelude:
+            hidden, _ = self.unrolled_layer(position)(hidden, rope, mask)
+
+        steps = self.plan.steps
+        if max_recursions is not None and self.config.sharing in ("cycle", "middle_cycle"):
+            steps = steps[:max_recursions]
+        if self.expert is not None:
+            hidden, depths = self._expert_steps(hidden, layout, steps, routing, kvs, result)
+        elif self.token is not None:
+            hidden, depths = self._token_steps(hidden, layout, steps, kvs, result)
+        else:
+            for step in steps:
+                for position in step:
+                    hidden = self._run(position, hidden, rope, mask, layout, kvs)
+            cycles = self.config.sharing in ("none", "cycle", "middle_cycle")
+            depth = len(steps) if cycles else self.config.num_recursions
+            depths = torch.full((batch, seq_len), depth, dtype=torch.long, device=input_ids.device)
+            if layout.valid is not None:
+                depths = depths.masked_fill(~layout.valid, 0)
+
+        for position in self.plan.coda:
+            hidden, _ = self.unrolled_layer(position)(hidden, rope, mask)
+        if self.expert is not None and self.training and routing == "topk":
+            self.expert.num_training_forwards += 1
+        return self.norm(hidden), depths, result
+
+    def _run(
+        self,
+        position: int,
+        hidden: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        layout: TokenLayout,
+        kvs: dict[int, tuple[KV, TokenLayout]],
+    ) -> Tensor:
+        """Run one unrolled position; with KV sharing, positions after the first reuse its keys/values."""
+        source = self.plan.kv_source(position)
+        if self.config.kv_cache == "share" and source != position:
+            kv, source_layout = kvs[source]
+            hidden, _ = self.unrolled_layer(position)(hidden, rope, allowed_attention(layout, source_layout), kv)
+        else:
+            hidden, kv = self.unrolled_layer(position)(hidden, rope, mask)
+            if self.config.kv_cache == "share":
+                kvs[position] = (kv, layout)
+        return hidden
+
+    def _run_step(
+        self,
+        step: tuple[int, ...],
+        hidden: Tensor,
+        layout: TokenLayout,
+        selection: Selection,
+        kvs: dict[int, tuple[KV, TokenLayout]],
+    ) -> Tensor:
+        """Gather the selected tokens, run the block on them and return the block output [B, K, d]."""
+        index = selection.index
+        x = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        sub_layout = layout.gather(index, selection.valid)
+        rope = self.rotary(sub_layout.positions, x.dtype)
+        mask = allowed_attention(sub_layout, sub_layout)
+        for position in step:
+            x = self._run(position, x, rope, mask, sub_layout, kvs)
+        return x
+
+    def _expert_steps(
+        self,
+        hidden: Tensor,
+        layout: TokenLayout,
+        steps: tuple[tuple[int, ...], ...],
+        routing: str,
+        kvs: dict[int, tuple[KV, TokenLayout]],
+        result: RoutingResult,
+    ) -> tuple[Tensor, Tensor]:
+        assert self.expert is not None
+        batch, seq_len, dim = hidden.shape
+        candidates = torch.arange(seq_len, device=hidden.device).expand(batch, seq_len)
+        candidates_valid = layout.valid
+        row_lengths = None if layout.valid is None else layout.valid.sum(1)
+        depths = torch.zeros(batch, seq_len, dtype=torch.long, device=hidden.device)
+        for r, step in enumerate(steps):
+            expand = candidates[..., None].expand(-1, -1, dim)
+            selection = self.expert.select(
+                r, hidden.gather(1, expand), candidates, candidates_valid, seq_len, row_lengths, routing, result
+            )
+            out = self._run_step(step, hidden, layout, selection, kvs)
+            gate = selection.gate if selection.valid is None else selection.gate * selection.valid
+            index = selection.index[..., None].expand(-1, -1, dim)
+            hidden = hidden.scatter_add(1, index, (gate[..., None] * out).to(hidden.dtype))  # H + g * f(H)
+            ran = torch.ones_like(selection.index) if selection.valid is None else selection.valid.long()
+            depths = depths.scatter_add(1, selection.index, ran)
+            candidates, candidates_valid = selection.index, selection.valid
+        with torch.no_grad():
+            reached_last = (depths == len(steps)).any(0).float()
+            real = torch.ones(seq_len, device=hidden.device) if layout.valid is None else layout.valid.any(0).float()
+            result.stats["dead_token_ratio"] = 1 - (reached_last * real).sum() / real.sum().clamp(min=1)
+        return hidden, depths
+
+    def _token_steps(
+        self,
+        hidden: Tensor,
+        layout: TokenLayout,
+        steps: tuple[tuple[int, ...], ...],
+        kvs: dict[int, tuple[KV, TokenLayout]],
+        result: RoutingResult,
+    ) -> tuple[Tensor, Tensor]:
+        assert self.token is not None
+        dim = hidden.shape[-1]
+        depths, gate = self.token.assign(hidden, layout.valid, result)
+        depths = depths.clamp(max=len(steps))
+        first = hidden  # H^1, the input of the recursion block
+        for r, step in enumerate(steps, start=1):
+            index, valid = pack(depths >= r)
+            selection = Selection(index, valid, gate.gather(1, index))
+            out = self._run_step(step, hidden, layout, selection, kvs)
+            expand = index[..., None].expand(-1, -1, dim)
+            exits = (depths.gather(1, index) == r)[..., None]
+            gated = selection.gate[..., None].to(out.dtype) * out
+            # Exit: H^1 + g * f(H^r). Intermediate steps: the block output (code) or g * f(H^r) (paper eq. 2).
+            step_out = torch.where(exits, first.gather(1, expand) + gated,
+                                   out if self.config.token_gating == "exit" else gated)
+            step_out = torch.where(valid[..., None], step_out, hidden.gather(1, expand))
+            hidden = hidden.scatter(1, expand, step_out)
+        return hidden, depths
+
+
+def _input_layout(input_ids: Tensor, attention_mask: Tensor | None, document_ids: Tensor | None) -> TokenLayout:
+    batch, seq_len = input_ids.shape
+    if attention_mask is None or bool(attention_mask.all()):
+        positions = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
+        return TokenLayout(positions, None, document_ids)
+    valid = attention_mask.bool()
+    # Left- or right-padded rows: real tokens are numbered from 0 in each row.
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    return TokenLayout(positions, valid, document_ids)
+
+
+class MoRForCausalLM(nn.Module):
+    """Causal language model; ``model(input_ids, labels=...)`` returns a :class:`MoROutput`."""
+
+    def __init__(self, config: MoRConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = MoRModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+        routing: str | None = None,
+        max_recursions: int | None = None,
+    ) -> MoROutput:
+        """``routing``: "topk" (per-sequence top-k, the paper's forward; the default in training) or "causal"
+        (per-token threshold decisions, the default in ``eval()``, so no logit depends on a later token)."""
+        if routing is None:
+            routing = "topk" if self.training else self.config.routing_mode_eval
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        if max_recursions is not None and max_recursions < 1:
+            raise ValueError(f"max_recursions must be at least 1, got {max_recursions}")
+
+        hidden, depths, routed = self.model(input_ids, attention_mask, document_ids, routing, max_recursions)
+        logits = self.lm_head(hidden)
+        out = MoROutput(logits=logits, aux_losses=routed.losses, depths=depths, router_stats=routed.stats)
+        if labels is not None:
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+            out.lm_loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+            out.loss = out.lm_loss + sum(routed.losses.values(), torch.zeros((), device=logits.device))
+        return out
+
+    # ------------------------------------------------------------------ routers
+    def update_balancing_bias(self) -> None:
+        """Loss-free balancing update (token-choice); call after each optimizer step. No-op otherwise."""
+        if self.model.token is not None and self.config.balancing == "loss_free":
+            self.model.token.update_balancing_bias()
+
+    def aux_router_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the auxiliary routers (trained only by their own BCE; own optimizer settings)."""
+        if self.model.expert is not None:
+            yield from self.model.expert.aux_routers.parameters()
+
+    # ------------------------------------------------------------------ accounting
+    def num_parameters(self, exclude_embeddings: bool = False, unique: bool = True) -> int:
+        """Parameter count. ``unique=False`` counts a shared layer once per unrolled position it runs at."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields each tied tensor once
+        if not unique:
+            per_layer = sum(p.numel() for p in self.model.layers[0].parameters())
+            total += per_layer * (self.model.plan.num_positions - len(self.model.layers))
+        if exclude_embeddings:
+            total -= self.model.embed_tokens.weight.numel()
+            if not self.config.tie_word_embeddings:
+                total -= self.lm_head.weight.numel()
+        return total
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (tied tensors stored once)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(directory / WEIGHTS_NAME)
+        self.config.save(directory / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> "MoRForCausalLM":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: a checkpoint directory holds {CONFIG_NAME} and "
+                                        f"{WEIGHTS_NAME} (written by save_pretrained)")
+        try:
+            config = MoRConfig.load(config_path)
+        except (json.JSONDecodeError, TypeError) as error:
+            raise ValueError(f"{config_path} is not a valid mor config: {error}") from error
+        try:
+            state = load_file(str(weights_path), device=str(map_location))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{weights_path} is unreadable or truncated: {error}") from error
+        model = cls(config)
+        expected = model.state_dict()
+        if config.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        if missing or unexpected or wrong:
+            details = []
+            if missing:
+                details.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            if unexpected:
+                details.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+            if wrong:
+                details.append("shape mismatch " + ", ".join(
+                    f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5]))
+            raise ValueError(f"{weights_path} does not match {config_path}: " + "; ".join(details))
+        model.load_state_dict(state, strict=False)
+        model.to(map_location)
+        if dtype is not None:
+            model.to(dtype)
+        return model

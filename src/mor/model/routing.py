@@ -1,0 +1,268 @@
+"""Routers and the two routing schemes of Mixture-of-Recursions.
+
+Expert-choice (MOR_SPEC 4): before recursion step r a router scores the tokens still active; per sequence the
+top ``k_r = floor(c_r * L)`` continue (``topk`` mode, as in training), or, in ``causal`` mode (4.10), every
+active token whose ``sigmoid(logit) >= threshold`` continues. Selected tokens are updated with
+``H + g * block(H)``, ``g = alpha * sigmoid(logit)``.
+
+Token-choice (MOR_SPEC 5): one router at the first step assigns each token a depth in 1..Nr (argmax).
+
+Both produce *selections*: per row, the indices of the tokens that run a step, sorted by position, padded to a
+common length with invalid slots. Ragged selections are therefore dense tensors plus a validity mask, and no
+Python loop over the batch is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mor.config import MoRConfig
+
+
+class Router(nn.Module):
+    """Linear, MLP (2d hidden, GELU) or wide MLP (4x: ``4d`` hidden, as the paper describes) scorer."""
+
+    def __init__(self, hidden_size: int, out_features: int, arch: str) -> None:
+        super().__init__()
+        if arch == "linear":
+            self.net: nn.Module = nn.Linear(hidden_size, out_features, bias=False)
+        else:
+            width = hidden_size * (2 if arch == "mlp" else 4)
+            self.net = nn.Sequential(
+                nn.Linear(hidden_size, width, bias=False), nn.GELU(), nn.Linear(width, out_features, bias=False)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).float()
+
+
+@dataclass
+class Selection:
+    """The tokens that run one recursion step: ``index`` [B, K] into the sequence, sorted by position;
+    ``valid`` [B, K] marks real slots (None: all); ``gate`` [B, K] scales the block's output."""
+
+    index: Tensor
+    valid: Tensor | None
+    gate: Tensor
+
+
+@dataclass
+class RoutingResult:
+    losses: dict[str, Tensor] = field(default_factory=dict)  # already weighted by their coefficients
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return x.mean()
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def pack(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices [B, K] of the True entries of ``keep`` [B, N] in order, K = the largest row count, and their
+    validity. The indices of a row are distinct (a permutation prefix), so scattering back is safe."""
+    n = keep.shape[1]
+    order = torch.arange(n, device=keep.device)
+    key = torch.where(keep, order, order + n)
+    k = int(keep.sum(1).max().item()) if keep.numel() else 0
+    index = key.argsort(dim=1)[:, :k]
+    return index, keep.gather(1, index)
+
+
+class ExpertChoice(nn.Module):
+    """One router per recursion step (plus, optionally, auxiliary routers used only for causal decisions)."""
+
+    def __init__(self, config: MoRConfig) -> None:
+        super().__init__()
+        self.config = config
+        n = config.num_recursions
+        d = config.hidden_size
+        self.routers = nn.ModuleList(
+            [] if config.random_router else [Router(d, 1, config.router_arch) for _ in range(n)]
+        )
+        use_aux = config.expert_sampling == "aux_router" and not config.random_router
+        self.aux_routers = nn.ModuleList([Router(d, 1, config.router_arch) for _ in range(n)] if use_aux else [])
+        # Forward calls seen in training, for the capacity warm-up (MOR_SPEC 4.8).
+        self.register_buffer("num_training_forwards", torch.zeros((), dtype=torch.long))
+
+    def capacity(self, step: int) -> float:
+        target = self.config.step_capacities[step]
+        warmup = self.config.capacity_warmup_steps
+        done = int(self.num_training_forwards.item()) if warmup else 0
+        if not warmup or done >= warmup:
+            return target
+        return target + (1.0 - target) * 0.5 * (1.0 + math.cos(math.pi * done / warmup))
+
+    def gate(self, logits: Tensor) -> Tensor:
+        act = torch.sigmoid if self.config.gate_func == "sigmoid" else torch.tanh
+        return self.config.gate_alpha * act(logits)
+
+    def logits(self, step: int, hidden: Tensor) -> Tensor:
+        if self.config.random_router:
+            return torch.logit(torch.rand(hidden.shape[:2], device=hidden.device), eps=1e-6)
+        return self.routers[step](hidden / self.config.router_temperature).squeeze(-1)
+
+    def select(
+        self,
+        step: int,
+        hidden: Tensor,
+        candidates: Tensor,
+        candidates_valid: Tensor | None,
+        seq_len: int,
+        row_lengths: Tensor | None,
+        mode: str,
+        result: RoutingResult,
+    ) -> Selection:
+        """Choose, among the ``candidates`` [B, N] (active token indices, their hidden states ``hidden``
+        [B, N, d]), the tokens that run step ``step`` (0-based). ``k = floor(capacity * L)`` uses the full
+        row length L (``seq_len``, or the real tokens of each row, ``row_lengths``, when there is padding)."""
+        cfg = self.config
+        logits = self.logits(step, hidden)
+        aux_logits = None
+        if self.aux_routers:
+            aux_logits = self.aux_routers[step](hidden.detach() / cfg.router_temperature).squeeze(-1)
+        num = candidates.shape[1]
+        capacity = self.capacity(step)
+
+        if capacity >= 1.0:  # every active token runs this step (step 1 by default)
+            chosen = torch.arange(num, device=hidden.device).expand_as(candidates)
+            chosen_valid = candidates_valid
+        elif mode == "topk":
+            if row_lengths is None:  # no padding: the same k for every row, no host sync
+                k = max(1, math.floor(capacity * seq_len + 1e-9))
+                chosen = logits.topk(k, dim=1).indices.sort(dim=1).values
+                chosen_valid = None
+            else:
+                k_rows = (row_lengths.double() * capacity + 1e-9).floor().long().clamp(min=1)
+                k_rows = torch.minimum(k_rows, row_lengths)
+                scores = logits.masked_fill(~candidates_valid, float("-inf"))
+                top = scores.topk(int(k_rows.max().item()), dim=1).indices
+                top_valid = torch.arange(top.shape[1], device=top.device) < k_rows[:, None]
+                keep = torch.zeros_like(candidates_valid).scatter(1, top, top_valid)
+                chosen, chosen_valid = pack(keep)
+        else:  # causal: a per-token decision that never looks at other tokens
+            decision = aux_logits if aux_logits is not None else logits - _logit(cfg.causal_threshold)
+            keep = decision >= 0
+            if candidates_valid is not None:
+                keep = keep & candidates_valid
+            chosen, chosen_valid = pack(keep)
+
+        selected = torch.zeros_like(logits, dtype=torch.bool).scatter(
+            1, chosen, True if chosen_valid is None else chosen_valid
+        )
+        self._losses_and_stats(step, logits, aux_logits, selected, candidates_valid, result)
+        index = candidates.gather(1, chosen)
+        return Selection(index, chosen_valid, self.gate(logits.gather(1, chosen)))
+
+    def _losses_and_stats(
+        self,
+        step: int,
+        logits: Tensor,
+        aux_logits: Tensor | None,
+        selected: Tensor,
+        valid: Tensor | None,
+        result: RoutingResult,
+    ) -> None:
+        cfg = self.config
+        target = selected.float()
+        if not cfg.random_router:
+            if cfg.expert_sampling == "aux_loss" and cfg.aux_loss_coeff > 0:
+                bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+                _accumulate(result.losses, "router_bce", cfg.aux_loss_coeff * _masked_mean(bce, valid))
+            if aux_logits is not None:
+                bce = F.binary_cross_entropy_with_logits(aux_logits, target, reduction="none")
+                _accumulate(result.losses, "aux_router_bce", _masked_mean(bce, valid))
+            if cfg.z_loss_coeff > 0:
+                _accumulate(result.losses, "router_z", cfg.z_loss_coeff * _masked_mean(logits.pow(2), valid))
+        with torch.no_grad():
+            decision = aux_logits if aux_logits is not None else logits - _logit(cfg.causal_threshold)
+            agree = ((decision >= 0) == selected).float()
+            result.stats[f"sampling_accuracy/step{step + 1}"] = _masked_mean(agree, valid)
+            result.stats[f"selected_fraction/step{step + 1}"] = _masked_mean(selected.float(), valid)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def _accumulate(losses: dict[str, Tensor], name: str, value: Tensor) -> None:
+    losses[name] = losses[name] + value if name in losses else value
+
+
+class TokenChoice(nn.Module):
+    """One router that assigns each token its number of recursion steps (MOR_SPEC 5)."""
+
+    def __init__(self, config: MoRConfig) -> None:
+        super().__init__()
+        self.config = config
+        n = config.num_recursions
+        self.router = None if config.random_router else Router(config.hidden_size, n, config.router_arch)
+        # Loss-free balancing (not trained by gradients): a per-depth bias for the argmax only, and the loads
+        # counted since the last update.
+        self.register_buffer("balancing_bias", torch.zeros(n))
+        self.register_buffer("load_counts", torch.zeros(n))
+
+    def assign(self, hidden: Tensor, valid: Tensor | None, result: RoutingResult) -> tuple[Tensor, Tensor]:
+        """Depth in 1..Nr (0 for padding) and gate of every token of ``hidden`` [B, T, d]."""
+        cfg = self.config
+        n = cfg.num_recursions
+        if self.router is None:
+            depth = torch.randint(1, n + 1, hidden.shape[:2], device=hidden.device)
+            gate = torch.full(hidden.shape[:2], 1.0 / n, device=hidden.device)
+        else:
+            logits = self.router(hidden / cfg.router_temperature)
+            if cfg.gate_func == "softmax":
+                probs = logits.softmax(-1)
+            else:
+                probs = torch.sigmoid(logits)
+            scored = probs + self.balancing_bias if cfg.balancing == "loss_free" else probs
+            choice = scored.argmax(-1)
+            depth = choice + 1
+            gate = cfg.gate_alpha * probs.gather(-1, choice[..., None]).squeeze(-1)
+            self._losses_and_stats(logits, probs, choice, valid, result)
+        if valid is not None:
+            depth = depth.masked_fill(~valid, 0)
+        return depth, gate
+
+    def _losses_and_stats(
+        self, logits: Tensor, probs: Tensor, choice: Tensor, valid: Tensor | None, result: RoutingResult
+    ) -> None:
+        cfg = self.config
+        n = cfg.num_recursions
+        weights = torch.ones_like(choice, dtype=probs.dtype) if valid is None else valid.to(probs.dtype)
+        total = weights.sum().clamp(min=1)
+        counts = (F.one_hot(choice, n).to(probs.dtype) * weights[..., None]).sum((0, 1))
+        mean_probs = (probs * weights[..., None]).sum((0, 1)) / total
+        if cfg.balancing == "loss" and cfg.balancing_coeff > 0:
+            # L_bal = sum_i f_i P_i, f_i = (Nr / T) * #tokens assigned to depth i, P_i = mean probability.
+            result.losses["balancing"] = cfg.balancing_coeff * (n * counts.detach() / total * mean_probs).sum()
+        if cfg.z_loss_coeff > 0:
+            z = torch.logsumexp(logits, dim=-1).pow(2)
+            result.losses["router_z"] = cfg.z_loss_coeff * (z * weights).sum() / total
+        if self.training and cfg.balancing == "loss_free":
+            self.load_counts += counts.detach()
+        with torch.no_grad():
+            load = counts / total
+            result.stats["load"] = load
+            result.stats["max_violation"] = (load.max() - load.mean()) / load.mean()
+            p = mean_probs / mean_probs.sum()
+            result.stats["entropy"] = -(p * p.clamp(min=1e-12).log()).sum()
+
+    @torch.no_grad()
+    def update_balancing_bias(self) -> None:
+        """Loss-free balancing step: ``b_i += u * sign(mean load - load_i)`` from the loads counted since the
+        last call (summed over every rank), then reset the counts."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.load_counts)
+        total = self.load_counts.sum()
+        if total > 0:
+            load = self.load_counts / total
+            self.balancing_bias += self.config.balancing_bias_rate * torch.sign(load.mean() - load)
+        self.load_counts.zero_()
