@@ -1,0 +1,105 @@
+"""``mor eval`` (perplexity and zero/few-shot tasks) and ``mor lm-eval`` (lm-evaluation-harness with model "mor")."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from mor.eval.results import Metric, markdown_table, write_json
+from mor.eval.scoring import routing_modes
+from mor.eval.tasks import TASKS, default_data_dir, evaluate_task, load_docs, resolve_tasks
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="perplexity and zero/few-shot accuracy of a checkpoint",
+        description="Evaluate a checkpoint: validation NLL/perplexity over packed rows of held-out text and "
+                    "zero/few-shot tasks with the paper's metrics. Routed MoR models are scored in both routing "
+                    "modes unless --routing says otherwise.")
+    parser.add_argument("checkpoint", help="directory written by save_pretrained (config.json + model.safetensors)")
+    parser.add_argument("--tasks", default="", help=f"comma-separated tasks or groups 'paper', 'all'; tasks: "
+                                                    f"{', '.join(TASKS)}")
+    parser.add_argument("--limit", type=int, help="score only the first N items of each task")
+    parser.add_argument("--num-fewshot", type=int, default=0, help="demonstrations per item (default 0)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws (default 1234)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    parser.add_argument("--routing", choices=("both", "topk", "causal"), default="both",
+                        help="routing modes of a routed model: 'topk' is the paper's per-sequence selection, "
+                             "'causal' the per-token decisions used in decoding (default both)")
+    parser.add_argument("--perplexity", action="append", default=[], metavar="SOURCE",
+                        help="held-out text for NLL/perplexity: a .txt file (one document) or .jsonl[.xz|.gz] "
+                             "(field 'text'); repeatable")
+    parser.add_argument("--perplexity-rows", type=int, default=500, help="rows to score per source (default 500)")
+    parser.add_argument("--seq-len", type=int, help="tokens per perplexity row (default: min(2048, the model's "
+                                                    "max_position_embeddings))")
+    parser.add_argument("--max-length", type=int, help="context window for task scoring; longer inputs lose tokens "
+                                                       "from the left (default: max_position_embeddings)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (or a folder holding one); default: the checkpoint's")
+    parser.add_argument("--data-dir", type=Path, help="folder holding eval/ (default: $MOR_DATA_DIR or "
+                                                      "shared/data beside the repository)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="auto = bfloat16 on CUDA, float32 on CPU")
+    parser.set_defaults(func=run_eval)
+
+    harness = subparsers.add_parser(
+        "lm-eval", add_help=False, help="run lm-evaluation-harness with the model 'mor' registered",
+        description="All arguments go to lm-evaluation-harness, e.g. "
+                    "mor lm-eval --model mor --model_args pretrained=CKPT --tasks hellaswag")
+    harness.add_argument("harness_args", nargs=argparse.REMAINDER)
+    harness.set_defaults(func=run_harness)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from mor.eval.checkpoint import load_checkpoint
+    from mor.eval.perplexity import evaluate_perplexity, text_rows
+
+    if not args.tasks and not args.perplexity:
+        print("mor eval: nothing to evaluate; pass --tasks (e.g. --tasks paper) and/or --perplexity FILE",
+              file=sys.stderr)
+        return 2
+    for name in ("limit", "batch_size", "perplexity_rows", "seq_len", "max_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            print(f"mor eval: --{name.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
+            return 2
+    tasks = resolve_tasks(args.tasks) if args.tasks else []
+    model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.device, args.dtype)
+    modes = routing_modes(model, args.routing)
+    seq_len = args.seq_len or min(2048, model.config.max_position_embeddings)
+
+    metrics: list[Metric] = []
+    for source in args.perplexity:
+        rows = list(text_rows(tokenizer.backend, source, seq_len, tokenizer.eos_token_id))
+        for routing in modes:
+            result = evaluate_perplexity(model, rows, num_rows=args.perplexity_rows, batch_size=args.batch_size,
+                                         routing=routing, source=Path(source).name)
+            metrics.extend(result.metrics())
+    for task in tasks:
+        docs = load_docs(task, args.data_dir)
+        for routing in modes:
+            metrics.extend(evaluate_task(model, tokenizer.backend, task, routing=routing, limit=args.limit,
+                                         num_fewshot=args.num_fewshot, seed=args.seed, batch_size=args.batch_size,
+                                         max_length=args.max_length, docs=docs))
+
+    print(markdown_table(metrics))
+    if args.out:
+        write_json(args.out, metrics, checkpoint=str(args.checkpoint), tokenizer=str(tokenizer.path),
+                   settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                             if k not in ("func", "command")},
+                   data_dir=str(args.data_dir or default_data_dir()), model_config=model.config.to_dict(),
+                   environment={"torch": torch.__version__, "python": platform.python_version()})
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def run_harness(args: argparse.Namespace) -> int:
+    from mor.eval.harness import main
+
+    return main(args.harness_args)
