@@ -1,0 +1,251 @@
+"""Training checkpoints: everything needed to continue a run bit for bit.
+
+Layout of ``RUN/checkpoints/step_00000100/``:
+
+* ``model.safetensors`` + ``config.json``: the full model state (parameters and buffers such as the balancing
+  bias), loadable on its own with ``MoRForCausalLM.from_pretrained``;
+* ``trainer.pt``: optimizer, scheduler, step and token counters, and per rank the data position and RNG states;
+* ``manifest.json``: size and SHA-256 of each file, written last.
+
+A checkpoint is written into a hidden temporary directory that is renamed into place, so a crash never leaves a
+half-written checkpoint under a real name. Loading checks the manifest and the model config first and refuses
+a truncated, corrupt or incompatible checkpoint with a message instead of loading it partially.
+
+Distributed runs gather full (unsharded) state dicts through ``torch.distributed.checkpoint.state_dict``, which
+treats plain, DDP and FSDP2 models alike; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from mor.config import MoRConfig
+
+CHECKPOINTS = "checkpoints"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TRAINER_FILE = "trainer.pt"
+MANIFEST_FILE = "manifest.json"
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (missing, truncated, corrupt or made for another model)."""
+
+
+# ------------------------------------------------------------------------------------------------- finding
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------------------- saving
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    model_config: MoRConfig, trainer_state: dict[str, Any], rank_state: dict[str, Any],
+                    keep_last: int) -> Path:
+    """Write a checkpoint (collective: every rank calls it) and keep only the newest ``keep_last``."""
+    model_state = get_model_state_dict(model, options=_FULL)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    rank_states = _gather(_plain(rank_state))
+    target = checkpoint_dir(run_dir, step)
+    if _rank() == 0:
+        tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tensors, aliases = _deduplicate(model_state)
+        save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        model_config.save(tmp / CONFIG_FILE)
+        torch.save({**_plain(trainer_state), "optimizer": optim_state, "rank_states": rank_states},
+                   tmp / TRAINER_FILE)
+        files = {name: _describe_file(tmp / name) for name in (MODEL_FILE, CONFIG_FILE, TRAINER_FILE)}
+        (tmp / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+        if target.exists():  # re-saving the same step (e.g. a stop signal right after a periodic save)
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    _barrier()
+    return target
+
+
+def _deduplicate(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses tensors sharing memory (tied weights): store one and record the other names."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.contiguous()
+    return tensors, aliases
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    model_config: MoRConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore model and optimizer in place; return the trainer state and this rank's data/RNG state."""
+    path = Path(path)
+    verify_checkpoint(path)
+    saved = json.loads((path / CONFIG_FILE).read_text())
+    current = model_config.to_dict()
+    differences = [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+                   for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if differences:
+        raise CheckpointError(f"{path} was trained with a different model config ({'; '.join(differences)}); "
+                              "resume with the run's own config or start a new run directory")
+    try:
+        with safe_open(path / MODEL_FILE, "pt") as handle:
+            aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+        tensors = load_file(path / MODEL_FILE)
+        state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"{path} could not be read ({error}); it is corrupt: resume from an earlier "
+                              "checkpoint") from None
+    model_state = {**tensors, **{name: tensors[source] for name, source in aliases.items()}}
+    expected = get_model_state_dict(model, options=_FULL)
+    _check_tensors(path, model_state, expected)
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    try:
+        set_optimizer_state_dict(model, optimizer, state.pop("optimizer"),
+                                 options=StateDictOptions(full_state_dict=True))
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: the optimizer state does not fit this model/optimizer ({error}); "
+                              "start a new run directory") from None
+    rank_states = state.pop("rank_states")
+    if len(rank_states) != _world_size():
+        raise CheckpointError(f"{path} was written by {len(rank_states)} processes but this run has "
+                              f"{_world_size()}; resume with the same number of processes")
+    return state, rank_states[_rank()]
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError unless every file listed in the manifest is present, complete and intact."""
+    path = Path(path)
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST_FILE}); point --resume to a "
+                              f"directory like RUN/{CHECKPOINTS}/step_00001000 or to the run directory")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError) as error:
+        raise CheckpointError(f"{manifest_file} is unreadable ({error}); the checkpoint is corrupt") from None
+    for name, expected in files.items():
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name} is missing; the checkpoint is incomplete")
+        actual = _describe_file(path / name)
+        if actual["bytes"] != expected["bytes"]:
+            raise CheckpointError(f"{path / name} has {actual['bytes']} bytes, expected {expected['bytes']}: "
+                                  "the file is truncated; resume from an earlier checkpoint")
+        if actual["sha256"] != expected["sha256"]:
+            raise CheckpointError(f"{path / name} does not match its checksum: the file is corrupt; resume from "
+                                  "an earlier checkpoint")
+
+
+def _check_tensors(path: Path, saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match the model: missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}; was it written by another version of the model?")
+    for name, tensor in expected.items():
+        if saved[name].shape != tensor.shape:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(saved[name].shape)} but the model expects "
+                                  f"{tuple(tensor.shape)}")
+
+
+def _describe_file(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+# ------------------------------------------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {**numpy_state["state"], "key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32)}
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _plain(value: Any) -> Any:
+    """numpy values to Python/torch ones, so ``torch.load(weights_only=True)`` can read the file back."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    result: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(result, obj)
+    return result
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,63 @@
+"""``mor train CONFIG.yaml [--set key.path=value ...] [--resume [PATH]] [--dry-run]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mor.train.budget import resolve_budget
+from mor.train.checkpoint import CheckpointError
+from mor.train.config import ConfigError, TrainConfig, load_config
+from mor.train.schedule import decay_steps, warmup_steps
+from mor.train.trainer import TrainingDiverged, train
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a model from a YAML config",
+        description="Train a vanilla, recursive or MoR model. Launch with torchrun for several GPUs "
+                    "(run.strategy=ddp or fsdp).")
+    parser.add_argument("config", help="YAML training config (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.lr=1e-3 --set run.out_dir=runs/x "
+                             "(values are parsed as YAML)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                        help="continue from the latest checkpoint in run.out_dir (no PATH; starts fresh if there is "
+                             "none), or from a checkpoint or run directory")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config, print the resolved budget and exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --dry-run: number of processes to plan for (default: $WORLD_SIZE or 1)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.dry_run:
+            return _dry_run(config, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        result = train(config, resume=args.resume)
+    except (ConfigError, CheckpointError, TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1 if not isinstance(error, ConfigError) else 2
+    if result.stopped_by is None:
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items())
+        loss = f"{result.loss:.4f}" if result.loss is not None else "n/a"
+        print(f"done: step {result.step}, {result.tokens:,} tokens, loss {loss}"
+              + (f", {summary}" if summary else "") + f"; run directory {config.run.out_dir}")
+    return 0
+
+
+def _dry_run(config: TrainConfig, world_size: int) -> int:
+    model_config = config.model_config()
+    budget = resolve_budget(config, model_config, world_size)
+    print(f"model: {model_config.sharing} sharing, Nr={model_config.num_recursions}, router {model_config.router}, "
+          f"{model_config.num_effective_layers} effective layers")
+    print(f"batch: {config.batch.micro_batch_size} sequences x {budget.grad_accum} accumulation x {world_size} "
+          f"processes x {config.data.seq_len} tokens = {budget.tokens_per_step:,} tokens per step")
+    print(f"budget: {budget.steps:,} steps, {budget.tokens:,} tokens, {budget.flops:.4g} forward FLOPs "
+          f"({budget.forward_flops_per_token:.4g} per token)")
+    print(f"schedule: {config.schedule.kind}, warm-up {warmup_steps(config.schedule, budget.steps)} steps"
+          + (f", decay {decay_steps(config.schedule, budget.steps)} steps" if config.schedule.kind == "wsd" else ""))
+    return 0
