@@ -1,0 +1,106 @@
+"""Tokenizers: load a Hugging Face ``tokenizer.json`` or train a byte-level BPE on a corpus.
+
+The wrapper adds what the data pipeline needs beside encode/decode: the end-of-document token that separates
+packed documents, the vocabulary size that decides the shard dtype, and a content hash that ties prepared
+shards to the exact tokenizer that made them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+# Tried in this order when no end-of-document token is named. SmolLM2 and GPT-2 use "<|endoftext|>" between
+# pretraining documents (its Instruct tokenizer_config names "<|im_end|>" as eos, which is for chat turns).
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+
+
+def resolve_tokenizer_file(path: str | Path) -> Path:
+    """The ``tokenizer.json`` at ``path``: the file itself or the one inside a folder."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}: give a tokenizer.json file or a folder that holds one")
+    return file
+
+
+class TextTokenizer:
+    """A ``tokenizers.Tokenizer`` with its end-of-document token, vocabulary size and file hash."""
+
+    def __init__(self, file: str | Path, eos_token: str | None = None) -> None:
+        self.path = resolve_tokenizer_file(file)
+        raw = self.path.read_bytes()
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        try:
+            self.backend = Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
+            raise ValueError(f"{self.path} is not a valid tokenizer.json: {error}") from error
+        # Text that happens to contain "<|endoftext|>" must not create a document boundary.
+        self.backend.encode_special_tokens = True
+        self.eos_token = eos_token or next((t for t in EOS_CANDIDATES if self.backend.token_to_id(t) is not None), None)
+        if self.eos_token is None:
+            raise ValueError(f"{self.path} has none of the end-of-document tokens {EOS_CANDIDATES}: "
+                             "name the one to use with eos_token=...")
+        eos_id = self.backend.token_to_id(self.eos_token)
+        if eos_id is None:
+            raise ValueError(f"end-of-document token {self.eos_token!r} is not in the vocabulary of {self.path}")
+        self.eos_token_id: int = eos_id
+        self.vocab_size: int = self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of many texts at once, tokenized in parallel by the library's Rust threads."""
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)  # fast: no offsets
+        return [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return (f"TextTokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, "
+                f"eos={self.eos_token!r}:{self.eos_token_id}, sha256={self.sha256[:12]}…)")
+
+
+def load_tokenizer(path: str | Path, eos_token: str | None = None) -> TextTokenizer:
+    """Load ``tokenizer.json`` (or a folder holding one), e.g. the SmolLM2 tokenizer or a trained one."""
+    return TextTokenizer(path, eos_token)
+
+
+def train_tokenizer(corpus_sources: Sequence[str | Path], vocab_size: int, out_path: str | Path, *,
+                    text_field: str = "text", min_frequency: int = 2, eos_token: str = "<|endoftext|>",
+                    progress: bool = True) -> TextTokenizer:
+    """Train a byte-level BPE on the documents of ``corpus_sources`` and save it as ``tokenizer.json``.
+
+    The pre-tokenizer is SmolLM2's (digits split one by one, then the GPT-2 byte-level regex), so every byte
+    sequence is encodable and numbers never merge into multi-digit tokens. ``eos_token`` gets id 0.
+    ``out_path`` is a folder (``tokenizer.json`` is written inside) or a path ending in ``.json``.
+    """
+    from mor.data.sources import iter_documents  # the sources module needs no tokenizer: no import cycle
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
+                         f"{len(alphabet) + 1} tokens (256 bytes and {eos_token!r})")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[eos_token],
+                                  initial_alphabet=alphabet, show_progress=progress)
+    documents = (doc for source in corpus_sources for doc in iter_documents(source, text_field=text_field))
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+
+    out_path = Path(out_path)
+    file = out_path if out_path.suffix == ".json" else out_path / "tokenizer.json"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(file.name + ".tmp")
+    tokenizer.save(str(tmp), pretty=True)
+    tmp.replace(file)
+    return TextTokenizer(file, eos_token)
