@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 import torch
 
+from mor.data.tokenizer import TextTokenizer
 from mor.eval.results import Metric, markdown_table, write_json
 from mor.eval.scoring import routing_modes
 from mor.eval.tasks import TASKS, default_data_dir, evaluate_task, load_docs, resolve_tasks
@@ -31,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="routing modes of a routed model: 'topk' is the paper's per-sequence selection, "
                              "'causal' the per-token decisions used in decoding (default both)")
     parser.add_argument("--perplexity", action="append", default=[], metavar="SOURCE",
-                        help="held-out text for NLL/perplexity: a .txt file (one document) or .jsonl[.xz|.gz] "
-                             "(field 'text'); repeatable")
+                        help="held-out text for NLL/perplexity: a .txt file (one document), .jsonl[.xz|.gz] "
+                             "(field 'text') or a folder prepared by `mor data prepare` (its val split); repeatable")
     parser.add_argument("--perplexity-rows", type=int, default=500, help="rows to score per source (default 500)")
     parser.add_argument("--seq-len", type=int, help="tokens per perplexity row (default: min(2048, the model's "
                                                     "max_position_embeddings))")
@@ -48,8 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="auto = bfloat16 on CUDA, float32 on CPU")
     parser.set_defaults(func=run_eval)
 
+    # prefix_chars="+": every "-..." argument is lm-eval's, passed through untouched.
     harness = subparsers.add_parser(
-        "lm-eval", add_help=False, help="run lm-evaluation-harness with the model 'mor' registered",
+        "lm-eval", add_help=False, prefix_chars="+", help="run lm-evaluation-harness with the model 'mor' registered",
         description="All arguments go to lm-evaluation-harness, e.g. "
                     "mor lm-eval --model mor --model_args pretrained=CKPT --tasks hellaswag")
     harness.add_argument("harness_args", nargs=argparse.REMAINDER)
@@ -58,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from mor.eval.checkpoint import load_checkpoint
-    from mor.eval.perplexity import evaluate_perplexity, text_rows
+    from mor.eval.perplexity import evaluate_perplexity
 
     if not args.tasks and not args.perplexity:
         print("mor eval: nothing to evaluate; pass --tasks (e.g. --tasks paper) and/or --perplexity FILE",
@@ -76,7 +80,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     metrics: list[Metric] = []
     for source in args.perplexity:
-        rows = list(text_rows(tokenizer.backend, source, seq_len, tokenizer.eos_token_id))
+        rows = list(islice(_perplexity_rows(source, tokenizer, seq_len, model.config.vocab_size),
+                           args.perplexity_rows))
         for routing in modes:
             result = evaluate_perplexity(model, rows, num_rows=args.perplexity_rows, batch_size=args.batch_size,
                                          routing=routing, source=Path(source).name)
@@ -97,6 +102,21 @@ def run_eval(args: argparse.Namespace) -> int:
                    environment={"torch": torch.__version__, "python": platform.python_version()})
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _perplexity_rows(source: str, tokenizer: TextTokenizer, seq_len: int, vocab_size: int) -> Iterator[list[int]]:
+    """Rows of a prepared token folder (its val split) or of a text file packed with the model's tokenizer."""
+    from mor.data import TokenShards
+    from mor.data.prepare import INDEX_FILE
+    from mor.eval.perplexity import shard_rows, text_rows
+
+    if (Path(source) / INDEX_FILE).is_file():
+        shards = TokenShards(source, split="val")
+        if shards.vocab_size > vocab_size:
+            raise ValueError(f"{source} was tokenized with {shards.vocab_size} tokens but the model's vocabulary "
+                             f"holds {vocab_size}; evaluate on shards made with the model's tokenizer")
+        return shard_rows(shards, seq_len)
+    return text_rows(tokenizer.backend, source, seq_len, tokenizer.eos_token_id)
 
 
 def run_harness(args: argparse.Namespace) -> int:

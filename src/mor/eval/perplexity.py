@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from mor.data.shards import TokenShards
 from mor.data.sources import iter_documents
 from mor.eval.results import Metric, mean_stderr
 from mor.eval.scoring import model_device, routing_kwargs
@@ -50,10 +51,17 @@ def tokenize_documents(tokenizer: Tokenizer, docs: Iterable[str], separator_id: 
             yield encoding.ids + ([] if separator_id is None else [separator_id])
 
 
-def text_rows(tokenizer: Tokenizer, source: str | Path, seq_len: int, separator_id: int | None) -> Iterator[list[int]]:
+def text_rows(tokenizer: Tokenizer, source: str | Path, seq_len: int,
+              separator_id: int | None) -> Iterator[list[int]]:
     """Packed rows of a text source (a ``.txt`` file is one document; ``.jsonl[.xz|.gz]`` one document a line;
     see :mod:`mor.data.sources`), each document followed by the end-of-text separator as in training."""
     return pack_rows(tokenize_documents(tokenizer, iter_documents(source), separator_id), seq_len)
+
+
+def shard_rows(shards: TokenShards, seq_len: int) -> Iterator[list[int]]:
+    """Consecutive rows of a prepared split (``mor.data.TokenShards``), already packed as in training."""
+    for start in range(0, len(shards) - seq_len + 1, seq_len):
+        yield shards.read(start, seq_len).tolist()
 
 
 def pack_rows(token_seqs: Iterable[Sequence[int]], seq_len: int) -> Iterator[list[int]]:
