@@ -1,0 +1,231 @@
+"""``mor viz``: routing analysis of a checkpoint and plots of runs and benchmarks.
+
+    mor viz depth CHECKPOINT --text "..." --out DIR      tokens coloured by recursion depth (HTML + PNG)
+    mor viz stats CHECKPOINT --data FILE --out DIR       tokens per depth, router metrics, depth scaling
+    mor viz runs RUN_DIR... --out DIR                    loss curves, NLL against FLOPs
+    mor viz bench JSON... --out DIR                      throughput against NLL
+
+Plotting modules are imported inside the handlers, so ``mor`` works without matplotlib installed (``mor viz``
+then says how to install it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from itertools import islice
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+INSTALL_HINT = "mor viz needs matplotlib: pip install 'mor[viz]' (or pip install matplotlib)"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    viz = subparsers.add_parser("viz", help="routing analysis and plots of runs and benchmarks",
+                                description="Routing analysis of a checkpoint and plots of runs and benchmarks.")
+    commands = viz.add_subparsers(dest="viz_command", metavar="SUBCOMMAND")
+    viz.set_defaults(func=lambda args: _usage(viz))
+
+    depth = commands.add_parser("depth", help="tokens of a text coloured by recursion depth (HTML + PNG)",
+                                description="Run a checkpoint on a text and write depth.html, depth.png and "
+                                            "depth.json: every token coloured by the recursion steps it ran.")
+    _checkpoint_args(depth)
+    text = depth.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", help="the text to analyse")
+    text.add_argument("--text-file", type=Path, help="read the text from this file (UTF-8)")
+    depth.set_defaults(func=run_depth)
+
+    stats = commands.add_parser("stats", help="tokens per depth, router metrics and depth scaling on a corpus sample",
+                                description="Routing statistics over packed rows of a corpus sample: the most "
+                                            "frequent tokens per depth, sampling accuracy and dead-token ratio "
+                                            "(expert-choice), load, MaxVio and entropy (token-choice), and the NLL "
+                                            "against the maximum recursion steps allowed at inference.")
+    _checkpoint_args(stats)
+    stats.add_argument("--data", required=True,
+                       help="text to sample: .txt (one document), .jsonl[.xz|.gz] (field 'text') or a folder "
+                            "prepared by `mor data prepare` (its val split)")
+    stats.add_argument("--rows", type=int, default=32, help="rows to analyse (default 32)")
+    stats.add_argument("--seq-len", type=int,
+                       help="tokens per row (default: min(2048, the model's max_position_embeddings))")
+    stats.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
+    stats.add_argument("--top", type=int, default=15, help="tokens listed per depth (default 15)")
+    stats.add_argument("--no-scaling", action="store_true", help="skip the depth-scaling curve (Nr more passes)")
+    stats.set_defaults(func=run_stats)
+
+    runs = commands.add_parser("runs", help="loss curves and NLL against FLOPs of training runs",
+                               description="Plot loss_curves.png and nll_vs_flops.png from run directories "
+                                           "written by `mor train` (metrics.jsonl, model_config.json, config.yaml).")
+    runs.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    runs.add_argument("--out", type=Path, required=True, help="output folder")
+    runs.add_argument("--names", nargs="+", help="legend names, one per run (default: folder names)")
+    runs.add_argument("--flops-per-token", nargs="+", type=float, metavar="FLOPS",
+                      help="forward FLOPs per token instead of counting them from each run's config: one value for "
+                           "all runs or one per run")
+    runs.add_argument("--seq-len", type=int, help="sequence length for the FLOP count (default: each run's)")
+    runs.set_defaults(func=run_runs)
+
+    bench = commands.add_parser("bench", help="throughput against NLL from benchmark JSON",
+                                description="Plot throughput_vs_nll.png from benchmark JSON files (lists of "
+                                            "records with a model name, tokens_per_s or a normalised throughput, "
+                                            "and optionally nll).")
+    bench.add_argument("files", nargs="+", type=Path, metavar="JSON")
+    bench.add_argument("--out", type=Path, required=True, help="output folder")
+    bench.add_argument("--nll", nargs="+", default=[], metavar="NAME=NLL",
+                       help="NLL of named models, for records without one (e.g. vanilla=2.78 mor-expert-3=2.79)")
+    bench.add_argument("--baseline", help="express throughput relative to this model (the paper uses vanilla)")
+    bench.set_defaults(func=run_bench)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="directory written by save_pretrained (config.json + model.safetensors)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--routing", choices=("both", "topk", "causal"), default="both",
+                        help="routing modes of an expert-choice model: 'topk' is the per-sequence selection of "
+                             "training, 'causal' the per-token decisions of decoding (default both)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (or a folder holding one); default: the checkpoint's")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"),
+                        help="model dtype (default float32; auto = bfloat16 on CUDA)")
+
+
+def _fail(message: str) -> int:
+    print(f"mor viz: {message}", file=sys.stderr)
+    return 2
+
+
+def _handler(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Check for matplotlib first, and turn bad input (missing files, wrong values) into a one-line message."""
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            import matplotlib  # noqa: F401
+        except ModuleNotFoundError:
+            return _fail(INSTALL_HINT)
+        try:
+            return func(args)
+        except (ValueError, FileNotFoundError) as error:
+            return _fail(str(error))
+
+    return run
+
+
+def _load(args: argparse.Namespace):
+    from mor.eval.checkpoint import load_checkpoint
+
+    return load_checkpoint(args.checkpoint, args.tokenizer, args.device, args.dtype)
+
+
+@_handler
+def run_depth(args: argparse.Namespace) -> int:
+    from mor.viz.report import depth_text_report, routing_modes
+
+    text = args.text if args.text is not None else args.text_file.read_text(encoding="utf-8")
+    model, tokenizer = _load(args)
+    depths = depth_text_report(model, tokenizer, text, args.out, routing_modes(model, args.routing))
+    for mode, values in depths.items():
+        print(f"{mode}: {len(values)} tokens, mean depth {sum(values) / len(values):.3f}")
+    print(f"wrote {args.out / 'depth.html'}, {args.out / 'depth.png'}", file=sys.stderr)
+    return 0
+
+
+@_handler
+def run_stats(args: argparse.Namespace) -> int:
+    from mor.viz.report import routing_modes, routing_stats_report
+
+    for name in ("rows", "seq_len", "batch_size", "top"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    model, tokenizer = _load(args)
+    seq_len = args.seq_len or min(2048, model.config.max_position_embeddings)
+    if seq_len > model.config.max_position_embeddings:
+        return _fail(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                     f"{model.config.max_position_embeddings}")
+    rows = list(islice(_rows(args.data, tokenizer, seq_len, model.config.vocab_size), args.rows))
+    if not rows:
+        return _fail(f"{args.data} holds fewer than {seq_len} tokens; give more text or a smaller --seq-len")
+    if len(rows) < args.rows:
+        print(f"{args.data} yields only {len(rows)} rows of {seq_len} tokens", file=sys.stderr)
+    results = routing_stats_report(model, tokenizer, torch.tensor(rows), args.out,
+                                   routing_modes(model, args.routing), top=args.top, batch_size=args.batch_size,
+                                   scaling=not args.no_scaling)
+    print(json.dumps(results, indent=2))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _rows(source: str, tokenizer, seq_len: int, vocab_size: int):
+    """Packed rows of a prepared folder (its val split) or of a text source, with the model's tokenizer."""
+    from mor.data import TokenShards
+    from mor.data.prepare import INDEX_FILE
+    from mor.eval.perplexity import shard_rows, text_rows
+
+    if (Path(source) / INDEX_FILE).is_file():
+        shards = TokenShards(source, split="val")
+        if shards.vocab_size > vocab_size:
+            raise ValueError(f"{source} was tokenized with {shards.vocab_size} tokens but the model's vocabulary "
+                             f"holds {vocab_size}; use shards made with the model's tokenizer")
+        return shard_rows(shards, seq_len)
+    return text_rows(tokenizer.backend, source, seq_len, tokenizer.eos_token_id)
+
+
+@_handler
+def run_runs(args: argparse.Namespace) -> int:
+    from mor.viz.runs import flops_per_token, load_run, plot_loss_curves, plot_nll_vs_flops
+
+    if args.names and len(args.names) != len(args.run_dirs):
+        return _fail(f"--names gives {len(args.names)} names for {len(args.run_dirs)} runs")
+    given = args.flops_per_token
+    if given and len(given) not in (1, len(args.run_dirs)):
+        return _fail(f"--flops-per-token takes one value or one per run ({len(args.run_dirs)}), got {len(given)}")
+    runs = [load_run(path, name) for path, name in zip(args.run_dirs, args.names or [None] * len(args.run_dirs))]
+    written = []
+    if path := plot_loss_curves(runs, args.out / "loss_curves.png"):
+        written.append(path)
+    else:
+        print("no run logged a loss or validation NLL: loss_curves.png not written", file=sys.stderr)
+    flops = [given[0] if len(given) == 1 else given[i] for i in range(len(runs))] if given else \
+        [flops_per_token(run, args.seq_len) for run in runs]
+    for run, per_token in zip(runs, flops):
+        print(f"{run.name}: {per_token:.4g} forward FLOPs per token")
+    if path := plot_nll_vs_flops(runs, flops, args.out / "nll_vs_flops.png"):
+        written.append(path)
+    else:
+        print("no run logged tokens with a loss: nll_vs_flops.png not written", file=sys.stderr)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0 if written else 1
+
+
+@_handler
+def run_bench(args: argparse.Namespace) -> int:
+    from mor.viz.bench import load_bench, normalise, plot_throughput_vs_nll
+
+    nll = {}
+    for item in args.nll:
+        name, _, value = item.partition("=")
+        try:
+            nll[name] = float(value)
+        except ValueError:
+            return _fail(f"--nll {item!r}: expected NAME=NUMBER, e.g. vanilla=2.78")
+    points = load_bench(args.files, nll)
+    if not points:
+        return _fail("no usable benchmark records (each needs a model name and tokens_per_s or a throughput)")
+    if args.baseline:
+        points = normalise(points, args.baseline)
+    for p in points:
+        nll_text = "" if p.nll is None else f", NLL {p.nll:.4f}"
+        print(f"{p.name}{f' [{p.group}]' if p.group else ''}: {p.throughput:.4g} {p.unit}{nll_text}")
+    path = plot_throughput_vs_nll(points, args.out / "throughput_vs_nll.png")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
