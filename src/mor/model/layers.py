@@ -8,6 +8,7 @@ sequence would allow (MOR_SPEC 4.4).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,9 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 KV = tuple[Tensor, Tensor]
+# Stores a chunk's new keys/values in a cache and returns every cached key/value with the attention mask over
+# them (see mor.model.kv_cache).
+CacheUpdate = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 
 
 class Attention(nn.Module):
@@ -126,20 +130,24 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor],
         mask: Tensor | None,
         kv: KV | None = None,
+        cache: CacheUpdate | None = None,
     ) -> tuple[Tensor, KV]:
         """Attend from ``x``; ``kv`` supplies precomputed keys/values (shared or cached) instead of projecting.
 
-        ``mask`` None means plain causal attention between aligned queries and keys.
+        ``mask`` None means plain causal attention between aligned queries and keys. ``cache`` (decoding)
+        stores the projected keys/values and supplies all cached ones and their mask instead.
         Returns the output and the keys/values attended to.
         """
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, *rope)
         k, v = self.project_kv(x, rope) if kv is None else kv
+        if cache is not None:
+            k, v, mask = cache(k, v)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
         )
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)), (k, v)
 
 
 class MLP(nn.Module):
@@ -167,8 +175,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, kv: KV | None = None
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        kv: KV | None = None,
+        cache: CacheUpdate | None = None,
     ) -> tuple[Tensor, KV]:
-        attended, kv = self.self_attn(self.input_layernorm(x), rope, mask, kv)
+        attended, kv = self.self_attn(self.input_layernorm(x), rope, mask, kv, cache)
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), kv

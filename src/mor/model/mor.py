@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mor.config import ROUTING_MODES, MoRConfig
+from mor.model.kv_cache import KVCache
 from mor.model.layers import KV, DecoderLayer, RMSNorm, RotaryEmbedding, TokenLayout, allowed_attention
 from mor.model.routing import ExpertChoice, RoutingResult, Selection, TokenChoice, pack
 from mor.model.sharing import LayerPlan, layer_plan
@@ -56,7 +57,32 @@ class MoRModel(nn.Module):
         self.token = TokenChoice(config) if config.router == "token" else None
 
     def unrolled_layer(self, position: int) -> DecoderLayer:
-        return self.layers[self.plan.layer_of[position]]
+        return self.layers[self.plan.layer_of[self.base_position(position)]]
+
+    def base_position(self, position: int) -> int:
+        """Positions past the plan are extra recursion steps (test-time depth scaling): they run the layers of
+        the last step again, in order, with their own keys/values."""
+        if position < self.plan.num_positions:
+            return position
+        last = self.plan.steps[-1]
+        return last[(position - self.plan.num_positions) % len(last)]
+
+    def extra_steps(self, extra_recursions: int) -> tuple[tuple[int, ...], ...]:
+        """Unrolled positions of ``extra_recursions`` applications of the block after the last trained one."""
+        first, size = self.plan.num_positions, len(self.plan.steps[-1])
+        return tuple(tuple(range(first + e * size, first + (e + 1) * size)) for e in range(extra_recursions))
+
+    def kv_position(self, position: int) -> int:
+        """The position whose keys/values ``position`` attends to: its own, or with recursive KV sharing those of
+        the first position that runs the same layer."""
+        if self.config.kv_cache != "share":
+            return position
+        return self.plan.kv_source(self.base_position(position))
+
+    def cache_positions(self, extra_recursions: int = 0) -> list[int]:
+        """The unrolled positions that store keys/values in a decoding cache."""
+        total = self.plan.num_positions + extra_recursions * len(self.plan.steps[-1])
+        return [p for p in range(total) if self.kv_position(p) == p]
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -66,10 +92,17 @@ class MoRModel(nn.Module):
         document_ids: Tensor | None = None,
         routing: str = "topk",
         max_recursions: int | None = None,
+        cache: KVCache | None = None,
+        extra_recursions: int = 0,
     ) -> tuple[Tensor, Tensor, RoutingResult]:
-        """Final hidden states [B, T, d], recursion depth per token [B, T] and routing losses/statistics."""
+        """Final hidden states [B, T, d], recursion depth per token [B, T] and routing losses/statistics.
+
+        With ``cache`` the tokens continue the rows cached so far (decoding): every layer stores their keys/values
+        there and attends to all cached ones."""
         batch, seq_len = input_ids.shape
         layout = _input_layout(input_ids, attention_mask, document_ids)
+        if cache is not None:
+            layout = cache.extend(layout)
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary(layout.positions, hidden.dtype)
         mask = allowed_attention(layout, layout)
@@ -77,19 +110,20 @@ class MoRModel(nn.Module):
         kvs: dict[int, tuple[KV, TokenLayout]] = {}
 
         for position in self.plan.prelude:
-            hidden, _ = self.unrolled_layer(position)(hidden, rope, mask)
+            hidden = self._run(position, hidden, rope, mask, layout, kvs, cache)
 
         steps = self.plan.steps
         if max_recursions is not None and self.config.sharing in ("cycle", "middle_cycle"):
             steps = steps[:max_recursions]
+        steps = steps + self.extra_steps(extra_recursions)
         if self.expert is not None:
-            hidden, depths = self._expert_steps(hidden, layout, steps, routing, kvs, result)
+            hidden, depths = self._expert_steps(hidden, layout, steps, routing, kvs, result, cache)
         elif self.token is not None:
-            hidden, depths = self._token_steps(hidden, layout, steps, kvs, result)
+            hidden, depths = self._token_steps(hidden, layout, steps, kvs, result, cache)
         else:
             for step in steps:
                 for position in step:
-                    hidden = self._run(position, hidden, rope, mask, layout, kvs)
+                    hidden = self._run(position, hidden, rope, mask, layout, kvs, cache)
             cycles = self.config.sharing in ("none", "cycle", "middle_cycle")
             depth = len(steps) if cycles else self.config.num_recursions
             depths = torch.full((batch, seq_len), depth, dtype=torch.long, device=input_ids.device)
@@ -97,7 +131,7 @@ class MoRModel(nn.Module):
                 depths = depths.masked_fill(~layout.valid, 0)
 
         for position in self.plan.coda:
-            hidden, _ = self.unrolled_layer(position)(hidden, rope, mask)
+            hidden = self._run(position, hidden, rope, mask, layout, kvs, cache)
         if self.expert is not None and self.training and routing == "topk":
             self.expert.num_training_forwards += 1
         return self.norm(hidden), depths, result
@@ -110,14 +144,21 @@ class MoRModel(nn.Module):
         mask: Tensor | None,
         layout: TokenLayout,
         kvs: dict[int, tuple[KV, TokenLayout]],
+        cache: KVCache | None = None,
     ) -> Tensor:
         """Run one unrolled position; with KV sharing, positions after the first reuse its keys/values."""
-        source = self.plan.kv_source(position)
-        if self.config.kv_cache == "share" and source != position:
+        layer = self.unrolled_layer(position)
+        source = self.kv_position(position)
+        if cache is not None:
+            if source == position:
+                return layer(hidden, rope, mask, cache=cache.updater(position, layout))[0]
+            kv, source_layout = cache.read(source)
+            return layer(hidden, rope, allowed_attention(layout, source_layout), kv)[0]
+        if source != position:
             kv, source_layout = kvs[source]
-            hidden, _ = self.unrolled_layer(position)(hidden, rope, allowed_attention(layout, source_layout), kv)
+            hidden, _ = layer(hidden, rope, allowed_attention(layout, source_layout), kv)
         else:
-            hidden, kv = self.unrolled_layer(position)(hidden, rope, mask)
+            hidden, kv = layer(hidden, rope, mask)
             if self.config.kv_cache == "share":
                 kvs[position] = (kv, layout)
         return hidden
@@ -129,6 +170,7 @@ class MoRModel(nn.Module):
         layout: TokenLayout,
         selection: Selection,
         kvs: dict[int, tuple[KV, TokenLayout]],
+        cache: KVCache | None = None,
     ) -> Tensor:
         """Gather the selected tokens, run the block on them and return the block output [B, K, d]."""
         index = selection.index
@@ -137,7 +179,7 @@ class MoRModel(nn.Module):
         rope = self.rotary(sub_layout.positions, x.dtype)
         mask = allowed_attention(sub_layout, sub_layout)
         for position in step:
-            x = self._run(position, x, rope, mask, sub_layout, kvs)
+            x = self._run(position, x, rope, mask, sub_layout, kvs, cache)
         return x
 
     def _expert_steps(
@@ -148,8 +190,10 @@ class MoRModel(nn.Module):
         routing: str,
         kvs: dict[int, tuple[KV, TokenLayout]],
         result: RoutingResult,
+        cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor]:
         assert self.expert is not None
+        last_router = self.config.num_recursions - 1  # extra recursions reuse the last step's router
         batch, seq_len, dim = hidden.shape
         candidates = torch.arange(seq_len, device=hidden.device).expand(batch, seq_len)
         candidates_valid = layout.valid
@@ -158,9 +202,10 @@ class MoRModel(nn.Module):
         for r, step in enumerate(steps):
             expand = candidates[..., None].expand(-1, -1, dim)
             selection = self.expert.select(
-                r, hidden.gather(1, expand), candidates, candidates_valid, seq_len, row_lengths, routing, result
+                min(r, last_router), hidden.gather(1, expand), candidates, candidates_valid, seq_len, row_lengths,
+                routing, result,
             )
-            out = self._run_step(step, hidden, layout, selection, kvs)
+            out = self._run_step(step, hidden, layout, selection, kvs, cache)
             gate = selection.gate if selection.valid is None else selection.gate * selection.valid
             index = selection.index[..., None].expand(-1, -1, dim)
             hidden = hidden.scatter_add(1, index, (gate[..., None] * out).to(hidden.dtype))  # H + g * f(H)
@@ -180,16 +225,19 @@ class MoRModel(nn.Module):
         steps: tuple[tuple[int, ...], ...],
         kvs: dict[int, tuple[KV, TokenLayout]],
         result: RoutingResult,
+        cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor]:
         assert self.token is not None
         dim = hidden.shape[-1]
         depths, gate = self.token.assign(hidden, layout.valid, result)
         depths = depths.clamp(max=len(steps))
+        if len(steps) > self.config.num_recursions:  # extra recursions: the deepest tokens go further
+            depths = depths.masked_fill(depths == self.config.num_recursions, len(steps))
         first = hidden  # H^1, the input of the recursion block
         for r, step in enumerate(steps, start=1):
             index, valid = pack(depths >= r)
             selection = Selection(index, valid, gate.gather(1, index))
-            out = self._run_step(step, hidden, layout, selection, kvs)
+            out = self._run_step(step, hidden, layout, selection, kvs, cache)
             expand = index[..., None].expand(-1, -1, dim)
             exits = (depths.gather(1, index) == r)[..., None]
             gated = selection.gate[..., None].to(out.dtype) * out
@@ -238,9 +286,15 @@ class MoRForCausalLM(nn.Module):
         document_ids: Tensor | None = None,
         routing: str | None = None,
         max_recursions: int | None = None,
+        cache: KVCache | None = None,
+        extra_recursions: int = 0,
     ) -> MoROutput:
         """``routing``: "topk" (per-sequence top-k, the paper's forward; the default in training) or "causal"
-        (per-token threshold decisions, the default in ``eval()``, so no logit depends on a later token)."""
+        (per-token threshold decisions, the default in ``eval()``, so no logit depends on a later token).
+
+        ``max_recursions`` caps the depth; ``extra_recursions`` applies the block that many more times after the
+        last trained step to the tokens that reach it (test-time depth scaling; the last router decides).
+        ``cache`` (a :mod:`mor.model.kv_cache` cache) continues cached rows, e.g. one token at a time."""
         if routing is None:
             routing = "topk" if self.training else self.config.routing_mode_eval
         if routing not in ROUTING_MODES:
@@ -252,8 +306,19 @@ class MoRForCausalLM(nn.Module):
                              f"{self.config.max_position_embeddings}")
         if max_recursions is not None and max_recursions < 1:
             raise ValueError(f"max_recursions must be at least 1, got {max_recursions}")
+        if extra_recursions:
+            if extra_recursions < 0 or self.config.sharing not in ("cycle", "middle_cycle"):
+                raise ValueError(f"extra_recursions={extra_recursions}: needs a non-negative count and a block "
+                                 f"applied as a whole per step (sharing 'cycle' or 'middle_cycle', "
+                                 f"got {self.config.sharing!r})")
+            if max_recursions is not None:
+                raise ValueError("give either max_recursions (fewer steps) or extra_recursions (more), not both")
+        if cache is not None and routing == "topk" and self.config.router != "none":
+            raise ValueError("a KV cache continues sequences token by token, which needs routing='causal' "
+                             "(per-sequence top-k looks at later tokens)")
 
-        hidden, depths, routed = self.model(input_ids, attention_mask, document_ids, routing, max_recursions)
+        hidden, depths, routed = self.model(input_ids, attention_mask, document_ids, routing, max_recursions,
+                                            cache, extra_recursions)
         logits = self.lm_head(hidden)
         out = MoROutput(logits=logits, aux_losses=routed.losses, depths=depths, router_stats=routed.stats)
         if labels is not None:
