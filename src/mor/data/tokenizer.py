@@ -28,18 +28,20 @@ def resolve_tokenizer_file(path: str | Path) -> Path:
 
 
 class TextTokenizer:
-    """A ``tokenizers.Tokenizer`` with its end-of-document token, vocabulary size and file hash."""
+    """A ``tokenizers.Tokenizer`` (``.backend``, unchanged) with its end-of-document token, vocabulary size and
+    file hash; :meth:`encode` is for corpus text."""
 
     def __init__(self, file: str | Path, eos_token: str | None = None) -> None:
         self.path = resolve_tokenizer_file(file)
         raw = self.path.read_bytes()
         self.sha256 = hashlib.sha256(raw).hexdigest()
         try:
-            self.backend = Tokenizer.from_str(raw.decode("utf-8"))
+            self.backend = Tokenizer.from_str(raw.decode("utf-8"))  # as saved: special-token strings map to their ids
+            # For corpus text: a document that happens to contain "<|endoftext|>" must not get a document boundary.
+            self._text_backend = Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
             raise ValueError(f"{self.path} is not a valid tokenizer.json: {error}") from error
-        # Text that happens to contain "<|endoftext|>" must not create a document boundary.
-        self.backend.encode_special_tokens = True
+        self._text_backend.encode_special_tokens = True
         self.eos_token = eos_token or next((t for t in EOS_CANDIDATES if self.backend.token_to_id(t) is not None), None)
         if self.eos_token is None:
             raise ValueError(f"{self.path} has none of the end-of-document tokens {EOS_CANDIDATES}: "
@@ -51,11 +53,12 @@ class TextTokenizer:
         self.vocab_size: int = self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of corpus text: no special tokens added, and special-token strings in it read as plain text."""
+        return self._text_backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of many texts at once, tokenized in parallel by the library's Rust threads."""
-        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)  # fast: no offsets
+        """:meth:`encode` of many texts at once, in parallel in the library's Rust threads."""
+        encode = getattr(self._text_backend, "encode_batch_fast", self._text_backend.encode_batch)  # no offsets
         return [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
