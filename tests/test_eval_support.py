@@ -1,4 +1,4 @@
-"""Shared helpers for the evaluation tests: tiny tokenizers, tiny models and a model with known logits (no tests here)."""
+"""Shared helpers for the evaluation tests: tiny tokenizers and models, a model with known logits (no tests)."""
 
 from __future__ import annotations
 

@@ -73,25 +73,30 @@ def run_eval(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             print(f"mor eval: --{name.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
             return 2
-    tasks = resolve_tasks(args.tasks) if args.tasks else []
-    model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.device, args.dtype)
+    # Read every input before the first forward pass, so that bad input fails in seconds, not after hours.
+    try:
+        tasks = resolve_tasks(args.tasks) if args.tasks else []
+        model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.device, args.dtype)
+        seq_len = args.seq_len or min(2048, model.config.max_position_embeddings)
+        rows = {source: list(islice(_perplexity_rows(source, tokenizer, seq_len, model.config.vocab_size),
+                                    args.perplexity_rows)) for source in args.perplexity}
+        docs = {task.name: load_docs(task, args.data_dir) for task in tasks}
+    except (ValueError, FileNotFoundError) as error:
+        print(f"mor eval: {error}", file=sys.stderr)
+        return 2
     modes = routing_modes(model, args.routing)
-    seq_len = args.seq_len or min(2048, model.config.max_position_embeddings)
 
     metrics: list[Metric] = []
-    for source in args.perplexity:
-        rows = list(islice(_perplexity_rows(source, tokenizer, seq_len, model.config.vocab_size),
-                           args.perplexity_rows))
+    for source, source_rows in rows.items():
         for routing in modes:
-            result = evaluate_perplexity(model, rows, num_rows=args.perplexity_rows, batch_size=args.batch_size,
+            result = evaluate_perplexity(model, source_rows, num_rows=None, batch_size=args.batch_size,
                                          routing=routing, source=Path(source).name)
             metrics.extend(result.metrics())
     for task in tasks:
-        docs = load_docs(task, args.data_dir)
         for routing in modes:
             metrics.extend(evaluate_task(model, tokenizer.backend, task, routing=routing, limit=args.limit,
                                          num_fewshot=args.num_fewshot, seed=args.seed, batch_size=args.batch_size,
-                                         max_length=args.max_length, docs=docs))
+                                         max_length=args.max_length, docs=docs[task.name]))
 
     print(markdown_table(metrics))
     if args.out:

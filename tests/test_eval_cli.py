@@ -1,0 +1,81 @@
+"""``mor eval``: a checkpoint directory in, a Markdown table and a JSON file of metrics out."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from test_eval_support import bpe_tokenizer, sentences, tiny_model
+
+from mor.cli import main
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    """A tiny expert-choice checkpoint (tokenizer inside) and a data folder with COPA- and LAMBADA-like files."""
+    tokenizer = bpe_tokenizer(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    tiny_model("expert").save_pretrained(ckpt)
+    shutil.copy(tokenizer, ckpt / "tokenizer.json")
+    texts = sentences(40, seed=7)
+    (tmp_path / "data" / "eval").mkdir(parents=True)
+    (tmp_path / "data" / "eval" / "copa.jsonl").write_text("".join(
+        json.dumps({"id": f"copa/{i}", "query": texts[i], "choices": [texts[i + 1], texts[i + 2]], "gold": i % 2})
+        + "\n" for i in range(6)))
+    (tmp_path / "data" / "eval" / "lambada_openai.jsonl").write_text("".join(
+        json.dumps({"id": f"lambada_openai/{i}", "context": t.rsplit(" ", 1)[0], "continuation": t.rsplit(" ", 1)[1]})
+        + "\n" for i, t in enumerate(texts[:6])))
+    (tmp_path / "val.txt").write_text("\n".join(texts))
+    return tmp_path
+
+
+def test_eval_writes_both_routing_modes_for_tasks_and_perplexity(workspace, capsys):
+    out = workspace / "results.json"
+    code = main(["eval", str(workspace / "ckpt"), "--tasks", "copa,lambada", "--limit", "4", "--num-fewshot", "1",
+                 "--data-dir", str(workspace / "data"), "--perplexity", str(workspace / "val.txt"),
+                 "--perplexity-rows", "3", "--seq-len", "32", "--batch-size", "2", "--device", "cpu",
+                 "--out", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    rows = {(r["task"], r["routing"], r["metric"]): r for r in results["results"]}
+    for routing in ("topk", "causal"):
+        assert rows[("copa", routing, "acc")]["n"] == 4
+        assert rows[("copa", routing, "acc_norm")]["num_fewshot"] == 1
+        assert {"acc", "ppl"} <= {m for t, r, m in rows if t == "lambada" and r == routing}
+        assert rows[("val.txt", routing, "nll")]["n"] == 3
+        assert rows[("val.txt", routing, "token_nll")]["n"] == 3 * 31
+    assert results["model_config"]["router"] == "expert"
+    assert results["settings"]["limit"] == 4
+    table = capsys.readouterr().out
+    assert "| copa | topk | 1 | acc |" in table and "| val.txt | causal | 0 | nll |" in table
+
+
+def test_eval_explains_bad_invocations(workspace, capsys):
+    ckpt = str(workspace / "ckpt")
+    for argv, message in [([], "nothing to evaluate"),
+                          (["--tasks", "nope"], "unknown task 'nope'"),
+                          (["--tasks", "copa", "--limit", "0"], "--limit must be at least 1"),
+                          (["--tasks", "copa", "--data-dir", str(workspace)], "copa.jsonl does not exist"),
+                          (["--perplexity", str(workspace / "missing.txt")], "does not exist")]:
+        assert main(["eval", ckpt, "--device", "cpu", *argv]) == 2
+        assert message in capsys.readouterr().err
+    (workspace / "ckpt" / "tokenizer.json").unlink()
+    assert main(["eval", ckpt, "--tasks", "copa", "--device", "cpu"]) == 2
+    assert "holds no tokenizer.json; pass the tokenizer" in capsys.readouterr().err
+
+
+def test_prepared_token_folder_scores_like_the_text_it_was_made_from(workspace):
+    from mor.data import prepare
+
+    prepare([workspace / "val.txt"], workspace / "tokenizer.json", workspace / "prepared",
+            val_sources=[workspace / "val.txt"], progress=False)
+    results = {}
+    for name, source in (("text", workspace / "val.txt"), ("shards", workspace / "prepared")):
+        out = workspace / f"{name}.json"
+        assert main(["eval", str(workspace / "ckpt"), "--perplexity", str(source), "--perplexity-rows", "4",
+                     "--seq-len", "24", "--routing", "topk", "--device", "cpu", "--out", str(out)]) == 0
+        [nll] = [r for r in json.loads(out.read_text())["results"] if r["metric"] == "nll"]
+        results[name] = nll
+    assert results["shards"]["n"] == results["text"]["n"] == 4
+    assert results["shards"]["value"] == pytest.approx(results["text"]["value"], abs=1e-6)

@@ -1,0 +1,117 @@
+"""The lm-evaluation-harness model "mor": offline tasks from local JSON files agree with mor's own scorer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_eval_support import CountingLM, bpe_tokenizer, sentences, tiny_model, word_tokenizer, words
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from mor.data import load_tokenizer  # noqa: E402
+from mor.eval.harness import main as harness_main  # noqa: E402
+from mor.eval.lm_eval_adapter import MoRLM  # noqa: E402
+from mor.eval.scoring import encode_pair, loglikelihoods  # noqa: E402
+from mor.eval.tasks import Task, evaluate_task  # noqa: E402
+
+TASK_YAML = """\
+task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """A tiny expert-choice checkpoint with its tokenizer, and a multiple-choice task read from local JSON."""
+    root = tmp_path_factory.mktemp("lm_eval")
+    tokenizer_file = bpe_tokenizer(root)
+    ckpt = root / "ckpt"
+    tiny_model("expert").save_pretrained(ckpt)
+    shutil.copy(tokenizer_file, ckpt / "tokenizer.json")
+    texts = sentences(12, seed=5)
+    docs = [{"query": texts[i], "choices": [texts[i + 1], texts[i + 2][:20], texts[i + 3][:9]], "gold": i % 3}
+            for i in range(0, 9, 1)]
+    data = root / "tiny_choice.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "tiny_choice.yaml").write_text(TASK_YAML.format(data=data))
+    return {"ckpt": ckpt, "docs": docs, "tasks": tasks, "tokenizer": load_tokenizer(tokenizer_file).backend}
+
+
+def test_simple_evaluate_agrees_with_mor_scoring(setup):
+    results = lm_eval.simple_evaluate(
+        model="mor", model_args={"pretrained": str(setup["ckpt"]), "routing": "topk", "device": "cpu"},
+        tasks=["tiny_choice"], batch_size=4, log_samples=True,
+        task_manager=TaskManager(include_path=str(setup["tasks"]), include_defaults=False))
+    scores = results["results"]["tiny_choice"]
+    assert {"acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none"} <= set(scores)
+    assert results["config"]["model"] == "mor"
+
+    model = MoRLM(str(setup["ckpt"]), routing="topk").model
+    samples = sorted(results["samples"]["tiny_choice"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(setup["docs"])
+    for sample in samples:
+        requests = [encode_pair(setup["tokenizer"], ctx, cont, 0) for ctx, cont in sample["arguments"]]
+        ours = loglikelihoods(model, requests, max_length=256, routing="topk", progress=False)
+        theirs = [resp[0] for resp in sample["resps"]]
+        assert [ll for ll, _ in theirs] == pytest.approx([ll for ll, _ in ours], abs=1e-5)
+
+    own = {m.metric: m for m in evaluate_task(model, setup["tokenizer"], Task("tiny_choice", "-", "choice"),
+                                              routing="topk", docs=setup["docs"], progress=False)}
+    assert scores["acc,none"] == pytest.approx(own["acc"].value)
+    assert scores["acc_norm,none"] == pytest.approx(own["acc_norm"].value)
+    assert scores["acc_stderr,none"] == pytest.approx(own["acc"].stderr)
+
+
+def test_rolling_loglikelihood_of_a_short_text_is_its_loglikelihood_after_end_of_text(setup):
+    lm = MoRLM(str(setup["ckpt"]), routing="causal", device="cpu")
+    text = setup["docs"][0]["query"]
+    [rolling] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    tokens = setup["tokenizer"].encode(text, add_special_tokens=False).ids
+    [(expected, _)] = loglikelihoods(lm.model, [([0], tokens)], max_length=256, routing="causal", progress=False)
+    assert rolling == pytest.approx(expected, abs=1e-5)
+
+
+def test_rolling_windows_cover_every_token_of_a_long_text():
+    model = CountingLM(max_position_embeddings=8)
+    lm = MoRLM(model, tokenizer=word_tokenizer())
+    text = words(*range(5, 24))  # 19 tokens, windows of 8
+    [total] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    # every token but the first (after end-of-text) follows its predecessor
+    assert total == pytest.approx(model.logprob(False) + 18 * model.logprob(True))
+
+
+def test_generate_until_decodes_greedily_and_stops():
+    lm = MoRLM(CountingLM(), tokenizer=word_tokenizer())
+    requests = [Instance("generate_until", {}, (words(1, 2), {"until": ["w6"], "max_gen_toks": 10}), 0),
+                Instance("generate_until", {}, (words(1, 2), {"until": ["w90"], "max_gen_toks": 3}), 1)]
+    assert lm.generate_until(requests, disable_tqdm=True) == ["w3 w4 w5 ", "w3 w4 w5"]
+
+
+def test_lm_eval_command_line_runs_the_mor_model(setup, tmp_path):
+    out = tmp_path / "out"
+    code = harness_main(["--model", "mor", "--model_args", f"pretrained={setup['ckpt']},routing=causal",
+                         "--tasks", "tiny_choice", "--include_path", str(setup["tasks"]), "--device", "cpu",
+                         "--batch_size", "4", "--limit", "3", "--output_path", str(out)])
+    assert code == 0
+    [written] = Path(out).rglob("results_*.json")
+    results = json.loads(written.read_text())
+    assert results["results"]["tiny_choice"]["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert results["config"]["model_args"] == {"pretrained": str(setup["ckpt"]), "routing": "causal"}
