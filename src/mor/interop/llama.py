@@ -219,7 +219,7 @@ def export_hf(model: MoRForCausalLM, directory: str | Path) -> Path:
     config = model.config
     if config.router != "none":
         raise UnsupportedCheckpointError(
-            f"a model with a {config.router}-choice router cannot be written as LlamaForCausalLM: transformers has no "
+            f"a model with routers ({config.router}-choice) cannot be written as LlamaForCausalLM: transformers has no "
             "Mixture-of-Recursions architecture, and routing decides per token which layers run. Save it with "
             "save_pretrained() and load it in transformers after mor.interop.register_auto_classes()")
     if config.kv_cache == "share":

@@ -1,0 +1,150 @@
+"""``mor convert SRC OUT --to mor|recursive|hf``: import, up-training conversion and export of checkpoints.
+
+SRC is a mor checkpoint, a Hugging Face Llama folder or a GGUF file. ``--to mor`` writes the mor format (a
+vanilla import, or a Recursive/MoR model with ``--sharing``/``--router``), ``--to recursive`` the same with
+Middle-Cycle sharing by default and no router, ``--to hf`` a ``LlamaForCausalLM`` folder. Tokenizer files next
+to SRC (or from ``--tokenizer``) are copied along.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mor.config import KV_CACHES, MoRConfig
+from mor.interop.llama import UnsupportedCheckpointError, export_hf, load_hf_llama
+from mor.interop.recursive import INITS, RECURSIVE_SHARING, source_layers, to_recursive
+from mor.model import MoRForCausalLM
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert", help="import Hugging Face Llama / GGUF checkpoints, make Recursive or MoR models from them, "
+                        "export to Hugging Face",
+        description="Convert between checkpoint formats and initialise Recursive/MoR models from a pretrained "
+                    "vanilla model (the paper's up-training initialisations, MOR_SPEC 3.2).")
+    parser.add_argument("src", type=Path, help="mor checkpoint folder, Hugging Face Llama folder or .gguf file")
+    parser.add_argument("out", type=Path, help="output folder")
+    parser.add_argument("--to", required=True, choices=("mor", "recursive", "hf"),
+                        help="mor: mor checkpoint (vanilla unless --sharing/--router); recursive: mor checkpoint "
+                             "with shared layers (default --sharing middle_cycle), no router; hf: LlamaForCausalLM "
+                             "folder (vanilla or recursive source, recursion unrolled)")
+    parser.add_argument("--sharing", choices=RECURSIVE_SHARING, help="parameter sharing strategy")
+    parser.add_argument("--num-recursions", type=int, default=3, help="Nr, recursions of the shared block "
+                                                                      "(default 3)")
+    parser.add_argument("--init", choices=INITS, default="stepwise",
+                        help="which original layers initialise the shared block (default stepwise)")
+    parser.add_argument("--router", choices=("expert", "token"), help="make a Mixture-of-Recursions model with this "
+                                                                      "routing (implies --sharing middle_cycle)")
+    parser.add_argument("--kv-cache", choices=KV_CACHES, help="KV caching strategy of the new model")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="further MoRConfig fields of the new model, e.g. --set capacities=[1.0,0.5] "
+                             "(values parsed as YAML)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random init and of fresh routers")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the written weights")
+    parser.add_argument("--tokenizer", type=Path, help="folder or tokenizer.json whose tokenizer files to copy "
+                                                       "(default: those next to SRC)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _convert(args)
+    except (UnsupportedCheckpointError, FileNotFoundError, ValueError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _convert(args: argparse.Namespace) -> int:
+    recursive = _recursive_options(args)
+    if args.tokenizer is not None and not args.tokenizer.exists():
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer} does not exist")
+    if (args.out / "config.json").exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already holds a checkpoint; choose another folder or pass --overwrite")
+    model = load_any(args.src)
+    if recursive is not None:
+        model = to_recursive(model, **recursive)
+        groups = source_layers(model.config, recursive["init"], args.seed)
+        print(f"{recursive['init']} init: shared layers start from original layers "
+              + ", ".join("+".join(map(str, group)) for group in groups))
+    model = model.to(DTYPES[args.dtype])
+    if args.to == "hf":
+        export_hf(model, args.out)
+    else:
+        model.save_pretrained(args.out)
+    copied = copy_tokenizer_files(args.tokenizer or _folder(args.src), args.out)
+    cfg = model.config
+    kind = "vanilla" if cfg.sharing == "none" else f"{cfg.sharing} Nr={cfg.num_recursions}, router {cfg.router}"
+    print(f"wrote {args.out} ({'LlamaForCausalLM' if args.to == 'hf' else 'mor'}): {kind}, "
+          f"{cfg.num_effective_layers} effective layers, {model.num_parameters():,} parameters"
+          + (f"; copied {', '.join(copied)}" if copied else "; no tokenizer files copied"))
+    return 0
+
+
+def _recursive_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Arguments of :func:`to_recursive`, or None when the model is written as it is."""
+    sharing = args.sharing
+    if args.to == "hf":
+        if sharing or args.router or args.overrides or args.kv_cache:
+            raise ValueError("--to hf writes the source model as it is; convert to a recursive model first "
+                             "(--to recursive), then export that")
+        return None
+    if args.to == "recursive":
+        if args.router:
+            raise ValueError("--to recursive makes a model without routers; use --to mor --router expert|token")
+        sharing = sharing or "middle_cycle"
+    elif args.router:
+        sharing = sharing or "middle_cycle"
+    if sharing is None:
+        if args.overrides or args.kv_cache:
+            raise ValueError("--set/--kv-cache change a converted model; add --sharing or --router")
+        return None
+    overrides = dict(_parse_override(text) for text in args.overrides)
+    if args.kv_cache:
+        overrides["kv_cache"] = args.kv_cache
+    return dict(sharing=sharing, num_recursions=args.num_recursions, init=args.init, router=args.router,
+                seed=args.seed, **overrides)
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--set {text!r}: expected FIELD=VALUE, e.g. --set capacities=[1.0,0.5]")
+    if name not in MoRConfig.__dataclass_fields__:
+        raise ValueError(f"--set {text!r}: {name!r} is not a MoRConfig field")
+    return name, yaml.safe_load(value)
+
+
+def load_any(src: Path) -> MoRForCausalLM:
+    """A mor checkpoint folder, a Hugging Face Llama folder or a GGUF file as a model."""
+    config_file = src / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "mor":
+        return MoRForCausalLM.from_pretrained(src).eval()
+    return load_hf_llama(src)
+
+
+def _folder(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+def copy_tokenizer_files(source: Path, out: Path) -> list[str]:
+    """Copy the tokenizer files found at ``source`` (a folder, or a tokenizer.json) into ``out``."""
+    files = [source] if source.is_file() else [source / name for name in TOKENIZER_FILES]
+    copied = []
+    for file in files:
+        if file.is_file():
+            shutil.copyfile(file, out / file.name)
+            copied.append(file.name)
+    return copied
