@@ -115,3 +115,17 @@ def test_lm_eval_command_line_runs_the_mor_model(setup, tmp_path):
     results = json.loads(written.read_text())
     assert results["results"]["tiny_choice"]["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
     assert results["config"]["model_args"] == {"pretrained": str(setup["ckpt"]), "routing": "causal"}
+
+
+def test_generate_until_with_kv_cached_generate_matches_full_forward_decoding():
+    # larger initial weights than usual, so that greedy decoding does not just repeat one token
+    lm = MoRLM(tiny_model("expert", initializer_range=0.2), tokenizer=word_tokenizer(300), routing="causal")
+    assert hasattr(lm.model, "generate")  # generate_until takes the KV-cached path
+    prompt = words(5, 17, 33, 4, 90, 61)
+    full = lm._greedy_full_forward(lm.tok_encode(prompt), 12, until=[])
+    assert len(set(full)) > 6 and lm.eot_token_id not in full
+    request = Instance("generate_until", {}, (prompt, {"until": ["w999"], "max_gen_toks": 12}), 0)
+    assert lm.generate_until([request], disable_tqdm=True) == [lm.tok_decode(full)]
+    stop = lm.tok_decode(full[4:5])
+    request = Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 12}), 0)
+    assert lm.generate_until([request], disable_tqdm=True) == [lm.tok_decode(full[:4]) + " "]

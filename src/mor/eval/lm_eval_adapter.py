@@ -115,7 +115,8 @@ class MoRLM(TemplateLM):
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """Greedy decoding until a stop string, end-of-text or ``max_gen_toks`` tokens."""
+        """Greedy decoding until a stop string, end-of-text or ``max_gen_toks`` tokens: ``model.generate`` (KV
+        caches, causal routing) where the model has it, else one full forward per token."""
         outputs = []
         for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
             context, gen_kwargs = req.args
@@ -131,25 +132,31 @@ class MoRLM(TemplateLM):
         return outputs
 
     def _greedy(self, context: list[int], max_new: int, until: list[str]) -> str:
-        # Re-runs the whole window for every token: no KV cache needed, and in "causal" routing each step sees
-        # exactly what an incremental decoder would.
-        tokens = list(context)
-        generated: list[int] = []
-        text = ""
-        for _ in range(max_new):
-            window = torch.tensor([tokens[-self.max_length:]], device=self._device)
-            logits = self.model(window, **routing_kwargs(self.routing)).logits
-            token = int(logits[0, -1].argmax())
-            if token == self.eot_token_id:
-                break
-            tokens.append(token)
-            generated.append(token)
-            text = self.tok_decode(generated)
-            if any(stop in text for stop in until):
-                break
+        max_new = min(max_new, self.max_length - 1)
+        context = context[-(self.max_length - max_new):]
+        if self.routing != "topk" and hasattr(self.model, "generate"):
+            # KV-cached decoding in causal routing: the logits of re-running the window, without the re-running.
+            out = self.model.generate(torch.tensor([context], device=self._device), max_new_tokens=max_new,
+                                      eos_token_id=self.eot_token_id, stop_strings=until, tokenizer=self._tokenizer)
+            generated = out.sequences()[0]
+        else:
+            generated = self._greedy_full_forward(context, max_new, until)
+        if generated and generated[-1] == self.eot_token_id:
+            generated = generated[:-1]
+        text = self.tok_decode(generated)
         for stop in until:
             text = text.split(stop)[0]
         return text
+
+    def _greedy_full_forward(self, context: list[int], max_new: int, until: list[str]) -> list[int]:
+        """Greedy tokens from one full forward per token (top-k routing re-selects over the grown sequence)."""
+        tokens = list(context)
+        for _ in range(max_new):
+            logits = self.model(torch.tensor([tokens], device=self._device), **routing_kwargs(self.routing)).logits
+            tokens.append(int(logits[0, -1].argmax()))
+            if tokens[-1] == self.eot_token_id or any(s in self.tok_decode(tokens[len(context):]) for s in until):
+                break
+        return tokens[len(context):]
 
 
 def _batch_size(value: int | str) -> int:
