@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import shared_data_dir
 from test_eval_support import CountingLM, bpe_tokenizer, sentences, tiny_model
 
 from mor.data import load_tokenizer
@@ -79,3 +80,15 @@ def test_row_nll_is_the_mean_of_each_rows_lm_loss(routing):
 def test_a_source_shorter_than_one_row_is_an_error():
     with pytest.raises(ValueError, match="no rows to evaluate"):
         evaluate_perplexity(CountingLM(), [], progress=False)
+
+
+def test_wikitext2_valid_packs_into_the_expected_number_of_rows():
+    data = shared_data_dir()
+    source, tokenizer_file = data / "eval" / "wikitext2-valid.txt", data / "tokenizers" / "smollm2" / "tokenizer.json"
+    if not (source.exists() and tokenizer_file.exists()):
+        pytest.skip(f"shared WikiText-2 or SmolLM2 tokenizer not found under {data} (set MOR_DATA_DIR)")
+    tokenizer = load_tokenizer(tokenizer_file)
+    rows = list(text_rows(tokenizer.backend, source, 2048, tokenizer.eos_token_id))
+    # 273,868 SmolLM2 tokens (shared/data/README.md) plus one end-of-text
+    assert len(rows) == 273_869 // 2048 and all(len(r) == 2048 for r in rows)
+    assert rows[0][:4] == tokenizer.encode(source.read_text(encoding="utf-8")[:200])[:4]

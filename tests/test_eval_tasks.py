@@ -110,22 +110,28 @@ ITEMS = {"arc_easy": 2376, "arc_challenge": 1172, "boolq": 3270, "piqa": 1838, "
          "siqa": 1954, "lambada": 5153, "winogrande": 1267, "hellaswag": 10042}
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
-def test_shared_eval_files_load_and_score(name):
-    data = shared_data_dir()
-    task = TASKS[name]
-    if not (data / "eval" / task.filename).exists():
-        pytest.skip(f"shared eval data not found under {data} (set MOR_DATA_DIR)")
-    tokenizer_file = data / "tokenizers" / "smollm2" / "tokenizer.json"
+@pytest.fixture(scope="module")
+def smollm_tiny():
+    """A tiny random expert-choice model over the SmolLM2 vocabulary, with that tokenizer."""
+    tokenizer_file = shared_data_dir() / "tokenizers" / "smollm2" / "tokenizer.json"
     if not tokenizer_file.exists():
-        pytest.skip(f"SmolLM2 tokenizer not found under {data}")
-    docs = load_docs(task, data)
-    assert len(docs) == ITEMS[name]
+        pytest.skip(f"SmolLM2 tokenizer not found under {shared_data_dir()} (set MOR_DATA_DIR)")
     torch.manual_seed(0)
     model = MoRForCausalLM(MoRConfig.from_preset("tiny", vocab_size=49152, sharing="middle_cycle",
                                                  num_recursions=2, router="expert", max_position_embeddings=1024))
-    metrics = evaluate_task(model.eval(), load_tokenizer(tokenizer_file).backend, task, routing="topk", limit=2,
-                            num_fewshot=1, docs=docs, progress=False)
+    return model.eval(), load_tokenizer(tokenizer_file).backend
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_shared_eval_files_load_and_score(name, smollm_tiny):
+    task = TASKS[name]
+    if not (shared_data_dir() / "eval" / task.filename).exists():
+        pytest.skip(f"shared eval data not found under {shared_data_dir()} (set MOR_DATA_DIR)")
+    docs = load_docs(task, shared_data_dir())
+    assert len(docs) == ITEMS[name]
+    model, tokenizer = smollm_tiny
+    metrics = evaluate_task(model, tokenizer, task, routing="topk", limit=2, num_fewshot=1, docs=docs,
+                            progress=False)
     expected = {"choice": {"acc", "acc_norm"}, "partial": {"acc"}, "lambada": {"acc", "ppl"}}[task.kind]
     assert {m.metric for m in metrics} == expected
     assert all(m.n == 2 and m.num_fewshot == 1 and m.routing == "topk" for m in metrics)
