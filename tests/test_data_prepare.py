@@ -211,7 +211,8 @@ def test_prepares_the_shared_corpus(tmp_path):
     if not corpus_file.is_file() or not (tokenizer / "tokenizer.json").is_file():
         pytest.skip(f"shared corpus not found at {shared_data_dir()} (set MOR_DATA_DIR)")
     prepare([corpus_file], tokenizer, tmp_path / "out", val_fraction=0.01, progress=False)
-    docs = [json.loads(line)["text"] for line in lzma.open(corpus_file, "rt", encoding="utf-8")]
+    with lzma.open(corpus_file, "rt", encoding="utf-8") as lines:
+        docs = [json.loads(line)["text"] for line in lines]
     train, val = TokenShards(tmp_path / "out"), TokenShards(tmp_path / "out", "val")
     assert train.eos_token_id == 0 and train.vocab_size == 49152
     assert (train.num_documents, val.num_documents) == (len(docs) - len(docs) // 100, len(docs) // 100)

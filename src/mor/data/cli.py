@@ -85,8 +85,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _summary(index: dict) -> str:
     tok = index["tokenizer"]
-    lines = [f"tokenizer: vocab {tok['vocab_size']:,}, eos {tok['eos_token']!r} = {tok['eos_token_id']}, "
-             f"sha256 {tok['sha256'][:16]}…; dtype {index['dtype']}"]
+    lines = [(f"tokenizer: vocab {tok['vocab_size']:,}, eos {tok['eos_token']!r} = {tok['eos_token_id']}, "
+              f"sha256 {tok['sha256'][:16]}…; dtype {index['dtype']}")]
     for split, info in index["splits"].items():
         lines.append(f"{split:>5}: {info['documents']:>10,} documents {info['tokens']:>14,} tokens "
                      f"in {len(info['shards'])} shard(s)")

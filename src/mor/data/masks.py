@@ -6,7 +6,8 @@ FlexAttention ``BlockMask`` from the same rule (``document_mask_mod``) for fast 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

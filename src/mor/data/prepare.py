@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm.auto import tqdm
 
-from mor.data.sources import DataError, Source, parse_source
+from mor.data.sources import DataError, Source, iter_documents, parse_source
 from mor.data.tokenizer import TextTokenizer, load_tokenizer
 
 FORMAT = "mor-token-shards"
@@ -140,22 +140,12 @@ def _labelled_documents(train: Sequence[Source], val: Sequence[Source], val_frac
     ordinal = 0
     num, den = val_fraction.numerator, val_fraction.denominator
     for source in train:
-        count = 0
-        for text in source.documents(text_field):
-            count += 1
-            split = "val" if (ordinal + 1) * num // den > ordinal * num // den else "train"
+        for text in iter_documents(source, text_field):
+            yield ("val" if (ordinal + 1) * num // den > ordinal * num // den else "train"), text
             ordinal += 1
-            yield split, text
-        if count == 0:
-            raise DataError(f"source {source.spec!r} holds no documents (its files are empty or every "
-                            f"{text_field!r} is blank)")
     for source in val:
-        count = 0
-        for text in source.documents(text_field):
-            count += 1
+        for text in iter_documents(source, text_field):
             yield "val", text
-        if count == 0:
-            raise DataError(f"validation source {source.spec!r} holds no documents")
 
 
 def _tasks(documents: Iterator[tuple[str, str]], batch: int) -> Iterator[tuple[str, list[str]]]:
@@ -255,8 +245,9 @@ def prepare(sources: Sequence[str | Path | Source], tokenizer: str | Path | Text
             raise DataError(f"the validation split is empty: {writers['train'].documents} documents with "
                             f"val_fraction={float(fraction):g} give none (the first validation document is number "
                             f"{-(-fraction.denominator // fraction.numerator)}); raise --val-fraction or pass --val")
-        index = dict(settings, fingerprint=fingerprint, splits={
-            split: {"documents": w.documents, "tokens": w.tokens, "shards": w.commit()} for split, w in writers.items()})
+        splits = {split: {"documents": w.documents, "tokens": w.tokens, "shards": w.commit()}
+                  for split, w in writers.items()}
+        index = dict(settings, fingerprint=fingerprint, splits=splits)
         _write_atomic(out_dir / TOKENIZER_FILE, tok.path.read_bytes())
         _write_atomic(out_dir / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
     except BaseException:
