@@ -37,7 +37,7 @@ def tiny_config(data: Path, out_dir: Path, **sections: dict[str, Any]) -> TrainC
         "optim": {"lr": 3e-3},
         "schedule": {"kind": "wsd", "warmup": 2},
         "budget": {"steps": 6},
-        "batch": {"micro_batch_size": 4, "grad_accum": 1},
+        "batch": {"micro_batch_size": 4},
         "run": {"out_dir": str(out_dir), "log_every": 1, "eval_every": 0, "eval_batches": 2, "save_every": 0,
                 "progress": False},
     }

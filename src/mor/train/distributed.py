@@ -8,6 +8,7 @@ forward and backward, which is simple and correct for every sharing strategy (an
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,9 +64,11 @@ def wrap(model: nn.Module, strategy: str, env: DistEnv) -> nn.Module:
     if env.world_size == 1 or strategy == "none":
         return model
     if strategy == "ddp":
-        # The model keeps its buffers (balancing bias) identical across ranks itself.
+        # The model keeps its buffers (balancing bias) identical across ranks itself: no broadcast per forward.
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
         return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                       broadcast_buffers=False)
+                                       **no_buffer_sync)
     from torch.distributed.fsdp import fully_shard
 
     fully_shard(model)

@@ -234,13 +234,14 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- validation
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Mean token NLL on the first ``eval_batches`` global batches of the validation split (the same rows at
-        every evaluation); MoR models in both routing modes, "topk" (the paper's numbers) and "causal"."""
+        """Mean token NLL on the first ``eval_batches x micro_batch_size`` rows of the validation split (the same
+        rows at every evaluation); MoR models in both routing modes, "topk" (the paper's numbers) and "causal"."""
         if self.val_shards is None:
             return {}
         data, micro, world = self.config.data, self.config.batch.micro_batch_size, self.env.world_size
-        rows = min(self.config.run.eval_batches * micro * world, len(self.val_shards) // data.seq_len)
-        rows -= rows % world  # equal work on every rank (FSDP runs collectives in each forward)
+        # The same rows whatever the number of processes, split evenly (FSDP runs collectives in each forward).
+        rows = min(self.config.run.eval_batches * micro, len(self.val_shards) // data.seq_len)
+        rows -= rows % world
         if rows == 0:
             raise ValueError(f"the validation split of {data.path} has fewer than {world} rows of {data.seq_len} "
                              "tokens; set data.val_split: null or prepare more validation data")
