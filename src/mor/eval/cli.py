@@ -101,8 +101,9 @@ def run_eval(args: argparse.Namespace) -> int:
     print(markdown_table(metrics))
     if args.out:
         write_json(args.out, metrics, checkpoint=str(args.checkpoint), tokenizer=str(tokenizer.path),
-                   settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                             if k not in ("func", "command")},
+                   settings={**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                if k not in ("func", "command")},
+                             "seq_len": seq_len, "max_length": args.max_length or model.config.max_position_embeddings},
                    data_dir=str(args.data_dir or default_data_dir()), model_config=model.config.to_dict(),
                    environment={"torch": torch.__version__, "python": platform.python_version()})
         print(f"wrote {args.out}", file=sys.stderr)
