@@ -170,10 +170,11 @@ class PagedKVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, max_requests: int, max_seq_len: int, page_size: int = 16,
-                  num_pages: int | None = None, dtype: torch.dtype | None = None) -> "PagedKVCache":
+                  num_pages: int | None = None, extra_recursions: int = 0,
+                  dtype: torch.dtype | None = None) -> "PagedKVCache":
         """A pool for ``model``'s streams; ``num_pages`` defaults to the worst case (every request at full length
         in every stream), which never runs out."""
-        positions = model.model.cache_positions()
+        positions = model.model.cache_positions(extra_recursions)
         if num_pages is None:
             num_pages = len(positions) * max_requests * math.ceil(max_seq_len / page_size)
         weight = model.lm_head.weight

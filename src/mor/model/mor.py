@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from mor.model.kv_cache import KVCache
 from mor.model.layers import KV, DecoderLayer, RMSNorm, RotaryEmbedding, TokenLayout, allowed_attention
 from mor.model.routing import ExpertChoice, RoutingResult, Selection, TokenChoice, pack
 from mor.model.sharing import LayerPlan, layer_plan
+
+if TYPE_CHECKING:
+    from mor.infer.generate import GenerationOutput
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -340,6 +343,15 @@ class MoRForCausalLM(nn.Module):
         """Parameters of the auxiliary routers (trained only by their own BCE; own optimizer settings)."""
         if self.model.expert is not None:
             yield from self.model.expert.aux_routers.parameters()
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> "GenerationOutput":
+        """Decode with KV caches and causal routing; arguments and result as :func:`mor.infer.generate.generate`
+        (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
+        ``stop_strings`` + ``tokenizer``, ``seed``, ``streamer``, ``max_recursions``, ``extra_recursions``)."""
+        from mor.infer.generate import generate  # inference builds on the model, not the other way round
+
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     # ------------------------------------------------------------------ accounting
     def num_parameters(self, exclude_embeddings: bool = False, unique: bool = True) -> int:
