@@ -52,7 +52,7 @@ def lr_multiplier(config: ScheduleConfig, total_steps: int) -> Callable[[int], f
             return 1.0
         if kind == "wsd":
             decay_start = total_steps - decay
-            if step < decay_start:
+            if step < decay_start or decay == 0:
                 return 1.0
             remaining = max(total_steps - step, 0) / decay  # 1 at the start of the decay, 1/decay at the last step
             return floor + (1.0 - floor) * remaining

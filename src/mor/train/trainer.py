@@ -101,12 +101,14 @@ class Trainer:
         if str(resume) == "latest":
             return latest_checkpoint(self.run_dir)
         path = Path(resume)
-        if (path / "manifest.json").is_file():
-            return path
-        found = latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"--resume {path}: neither a checkpoint nor a run directory with checkpoints")
-        return found
+        if not path.exists():
+            raise CheckpointError(f"--resume {path}: no such checkpoint or run directory")
+        if (path / "checkpoints").is_dir():  # a run directory
+            found = latest_checkpoint(path)
+            if found is None:
+                raise CheckpointError(f"--resume {path}: the run directory holds no complete checkpoint")
+            return found
+        return path  # a checkpoint directory, verified when loaded
 
     def _restore(self, path: Path) -> None:
         state, rank_state = load_checkpoint(path, self.model, self.optimizer, self.model_config)

@@ -1,0 +1,171 @@
+"""The training loop on CPU: accumulation invariance, exact resume, NaN stop, checkpoint safety, run directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train_support import make_dataset, tiny_config
+
+from mor import MoRForCausalLM
+from mor.train import ConfigError, Trainer, TrainingDiverged, train
+from mor.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from mor.train.run_log import read_metrics
+
+CURVE_KEYS = ("step", "tokens", "loss", "lm_loss", "grad_norm", "lr")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("train-data"))
+
+
+def curve(run_dir) -> list[dict]:
+    """Every logged value except wall-clock ones (speed, memory)."""
+    return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "peak_memory_gib", "mfu")}
+            for m in read_metrics(run_dir)]
+
+
+def weights(checkpoint) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / "model.safetensors")
+
+
+def test_accumulation_split_does_not_change_training(data, tmp_path):
+    # Validation reads eval_batches x micro_batch_size rows: 8 in both runs.
+    one = tiny_config(data, tmp_path / "one", batch={"micro_batch_size": 8, "grad_accum": 1}, budget={"steps": 4},
+                      run={"eval_batches": 1})
+    four = tiny_config(data, tmp_path / "four", batch={"micro_batch_size": 2, "grad_accum": 4}, budget={"steps": 4},
+                       run={"eval_batches": 4})
+    a, b = train(one), train(four)
+    curve_a, curve_b = curve(tmp_path / "one"), curve(tmp_path / "four")
+    assert len(curve_a) == len(curve_b) == 5  # 4 steps and the final validation
+    for x, y in zip(curve_a, curve_b):
+        assert x.keys() == y.keys()
+        for key in x.keys() - {"router/dead_token_ratio"}:  # positions never selected *within a batch*
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), key
+    assert curve_a[0]["loss"] != curve_a[3]["loss"]  # it did train
+    wa, wb = weights(a.checkpoint), weights(b.checkpoint)
+    for name in wa:
+        if wa[name].is_floating_point():  # not the model's count of forward calls (capacity warm-up)
+            torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)  # Adam amplifies float noise
+
+
+@pytest.mark.parametrize("model", [
+    {"expert_sampling": "aux_router"},  # expert-choice with the auxiliary router's own param group
+    {"router": "token", "balancing": "loss_free"},  # the balancing bias buffer must be restored
+    {"router": "token", "random_router": True},  # random depths: the RNG state must be restored
+], ids=["expert-aux-router", "token-loss-free", "random-router"])
+def test_resume_after_crash_reproduces_the_run_exactly(data, tmp_path, monkeypatch, model):
+    sections = dict(model=model, budget={"steps": 6}, batch={"micro_batch_size": 2, "grad_accum": 2},
+                    run={"save_every": 2, "eval_every": 3})
+    reference = train(tiny_config(data, tmp_path / "reference", **sections))
+
+    config = tiny_config(data, tmp_path / "crashed", **sections)
+    step = Trainer._train_step
+
+    def crash_in_step_4(self, batch):
+        if self.step == 3:
+            raise RuntimeError("simulated crash")
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", crash_in_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "crashed").name == "step_00000002"
+    assert [m["step"] for m in read_metrics(tmp_path / "crashed")][-1] == 3  # logged past the checkpoint
+
+    with pytest.raises(ConfigError, match="already holds a run"):
+        Trainer(config)  # never overwrite a run by accident
+    resumed = train(config, resume="latest")
+    assert curve(tmp_path / "crashed") == curve(tmp_path / "reference")  # exact equality, validation included
+    assert resumed.validation == reference.validation
+    final, expected = weights(resumed.checkpoint), weights(reference.checkpoint)
+    assert all(torch.equal(final[name], expected[name]) for name in expected)
+
+
+def test_nan_loss_stops_the_run_with_step_checkpoint_and_hint(data, tmp_path):
+    trainer = Trainer(tiny_config(data, tmp_path, run={"save_every": 2}))
+    forward = trainer.model.forward
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if trainer.step == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.model.forward = poisoned
+    with pytest.raises(TrainingDiverged) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "nan at step 4" in message and "step_00000002" in message and "optim.lr" in message
+    assert trainer.step == 3
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # the bad update was not applied
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
+
+
+@pytest.fixture
+def finished(data, tmp_path):
+    config = tiny_config(data, tmp_path / "run", budget={"steps": 2}, run={"save_every": 1})
+    result = train(config)
+    return config, result.checkpoint
+
+
+def test_run_directory_records_everything(finished):
+    config, checkpoint = finished
+    run_dir = checkpoint.parent.parent
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["steps"] == 2 and info["world_size"] == 1 and info["environment"]["torch"] == torch.__version__
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "model_config.json").is_file()
+    record = read_metrics(run_dir)[0]
+    assert {"loss", "lm_loss", "aux/router_bce", "lr", "grad_norm", "tokens_per_s", "peak_memory_gib",
+            "router/sampling_accuracy/step2", "router/dead_token_ratio"} <= record.keys()
+    assert "mfu" not in record  # unknown peak FLOP/s on CPU
+    assert {"val/nll_topk", "val/nll_causal"} <= read_metrics(run_dir)[-1].keys()
+    # keep_last (3) and the step-1 checkpoint is a loadable model directory
+    model = MoRForCausalLM.from_pretrained(list_checkpoints(run_dir)[0])
+    assert model.config.to_dict() == config.model_config().to_dict()
+
+
+def test_truncated_checkpoint_is_refused(finished):
+    config, checkpoint = finished
+    weights_file = checkpoint / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        Trainer(config, resume=checkpoint)
+
+
+def test_corrupt_checkpoint_is_refused(finished):
+    config, checkpoint = finished
+    state = bytearray((checkpoint / "trainer.pt").read_bytes())
+    state[len(state) // 2] ^= 0xFF
+    (checkpoint / "trainer.pt").write_bytes(bytes(state))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Trainer(config, resume="latest")
+
+
+def test_checkpoint_of_another_model_is_refused(finished, data):
+    config, checkpoint = finished
+    other = tiny_config(data, checkpoint.parent.parent, model={"num_recursions": 3}, budget={"steps": 2})
+    with pytest.raises(CheckpointError, match="different model config.*num_recursions: checkpoint 2 vs config 3"):
+        Trainer(other, resume="latest")
+
+
+def test_incomplete_checkpoint_is_refused_and_ignored(finished, tmp_path):
+    config, checkpoint = finished
+    (checkpoint / "manifest.json").unlink()  # as if the process died before the rename
+    assert latest_checkpoint(checkpoint.parent.parent) != checkpoint
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        Trainer(config, resume=checkpoint)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        Trainer(config, resume=tmp_path / "nowhere")
