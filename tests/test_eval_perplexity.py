@@ -26,15 +26,18 @@ def test_pack_rows_concatenates_and_drops_the_tail():
 def test_text_rows_tokenize_jsonl_xz_documents_with_an_end_of_text_separator(tmp_path):
     tokenizer = load_tokenizer(bpe_tokenizer(tmp_path))
     docs = sentences(30, seed=3)
+    docs[4] += " <|endoftext|> is text here"  # read as plain text, as the training data is
     source = tmp_path / "val.jsonl.xz"
     with lzma.open(source, "wt", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
     stream = [t for d in docs for t in tokenizer.encode(d) + [tokenizer.eos_token_id]]
-    rows = list(text_rows(tokenizer.backend, source, 16, tokenizer.eos_token_id))
+    assert stream.count(tokenizer.eos_token_id) == len(docs)
+    rows = list(text_rows(tokenizer, source, 16))
     assert rows == [stream[i:i + 16] for i in range(0, len(stream) - 15, 16)]
     plain = tmp_path / "val.txt"
     plain.write_text("\n".join(docs))
-    assert list(text_rows(tokenizer.backend, plain, 8, None))[0] == tokenizer.encode("\n".join(docs))[:8]
+    whole = tokenizer.encode("\n".join(docs)) + [tokenizer.eos_token_id]
+    assert list(text_rows(tokenizer, plain, 8)) == [whole[i:i + 8] for i in range(0, len(whole) - 7, 8)]
 
 
 def test_shard_rows_read_consecutive_rows_of_a_token_stream():
@@ -88,7 +91,7 @@ def test_wikitext2_valid_packs_into_the_expected_number_of_rows():
     if not (source.exists() and tokenizer_file.exists()):
         pytest.skip(f"shared WikiText-2 or SmolLM2 tokenizer not found under {data} (set MOR_DATA_DIR)")
     tokenizer = load_tokenizer(tokenizer_file)
-    rows = list(text_rows(tokenizer.backend, source, 2048, tokenizer.eos_token_id))
+    rows = list(text_rows(tokenizer, source, 2048))
     # 273,868 SmolLM2 tokens (shared/data/README.md) plus one end-of-text
     assert len(rows) == 273_869 // 2048 and all(len(r) == 2048 for r in rows)
     assert rows[0][:4] == tokenizer.encode(source.read_text(encoding="utf-8")[:200])[:4]

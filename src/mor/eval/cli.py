@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
-from mor.data.tokenizer import TextTokenizer
+from mor.data import TextTokenizer, TokenShards
+from mor.data.prepare import INDEX_FILE
+from mor.eval.checkpoint import load_checkpoint
+from mor.eval.perplexity import evaluate_perplexity, shard_rows, text_rows
 from mor.eval.results import Metric, markdown_table, write_json
 from mor.eval.scoring import routing_modes
 from mor.eval.tasks import TASKS, default_data_dir, evaluate_task, load_docs, resolve_tasks
@@ -61,9 +64,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from mor.eval.checkpoint import load_checkpoint
-    from mor.eval.perplexity import evaluate_perplexity
-
     if not args.tasks and not args.perplexity:
         print("mor eval: nothing to evaluate; pass --tasks (e.g. --tasks paper) and/or --perplexity FILE",
               file=sys.stderr)
@@ -112,17 +112,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _perplexity_rows(source: str, tokenizer: TextTokenizer, seq_len: int, vocab_size: int) -> Iterator[list[int]]:
     """Rows of a prepared token folder (its val split) or of a text file packed with the model's tokenizer."""
-    from mor.data import TokenShards
-    from mor.data.prepare import INDEX_FILE
-    from mor.eval.perplexity import shard_rows, text_rows
-
     if (Path(source) / INDEX_FILE).is_file():
         shards = TokenShards(source, split="val")
         if shards.vocab_size > vocab_size:
             raise ValueError(f"{source} was tokenized with {shards.vocab_size} tokens but the model's vocabulary "
                              f"holds {vocab_size}; evaluate on shards made with the model's tokenizer")
         return shard_rows(shards, seq_len)
-    return text_rows(tokenizer.backend, source, seq_len, tokenizer.eos_token_id)
+    return text_rows(tokenizer, source, seq_len)
 
 
 def run_harness(args: argparse.Namespace) -> int:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from mor.data.shards import TokenShards
 from mor.data.sources import iter_documents
+from mor.data.tokenizer import TextTokenizer
 from mor.eval.results import Metric, mean_stderr
 from mor.eval.scoring import model_device, routing_kwargs
 
@@ -42,20 +42,17 @@ class PerplexityResult:
                 Metric(self.source, "ppl", self.ppl, None, self.tokens, self.routing)]
 
 
-def tokenize_documents(tokenizer: Tokenizer, docs: Iterable[str], separator_id: int | None,
-                       chunk: int = 64) -> Iterator[list[int]]:
-    """Token ids of each document, followed by ``separator_id`` (end-of-text) when given; lazily, in chunks."""
-    docs = iter(docs)
-    while batch := list(islice(docs, chunk)):
-        for encoding in tokenizer.encode_batch(batch, add_special_tokens=False):
-            yield encoding.ids + ([] if separator_id is None else [separator_id])
+def text_rows(tokenizer: TextTokenizer, source: str | Path, seq_len: int) -> Iterator[list[int]]:
+    """Packed rows of a text source (a ``.txt`` file is one document, ``.jsonl[.xz|.gz]`` one document a line;
+    see :mod:`mor.data.sources`), tokenized as ``mor data prepare`` does: each document followed by the
+    end-of-document token, special-token strings inside the text read as plain text."""
+    def token_documents() -> Iterator[list[int]]:
+        documents = iter_documents(source)
+        while chunk := list(islice(documents, 64)):
+            for ids in tokenizer.encode_batch(chunk):
+                yield ids + [tokenizer.eos_token_id]
 
-
-def text_rows(tokenizer: Tokenizer, source: str | Path, seq_len: int,
-              separator_id: int | None) -> Iterator[list[int]]:
-    """Packed rows of a text source (a ``.txt`` file is one document; ``.jsonl[.xz|.gz]`` one document a line;
-    see :mod:`mor.data.sources`), each document followed by the end-of-text separator as in training."""
-    return pack_rows(tokenize_documents(tokenizer, iter_documents(source), separator_id), seq_len)
+    return pack_rows(token_documents(), seq_len)
 
 
 def shard_rows(shards: TokenShards, seq_len: int) -> Iterator[list[int]]:
