@@ -7,10 +7,8 @@ import os
 import sys
 
 from mor.train.budget import resolve_budget
-from mor.train.checkpoint import CheckpointError
 from mor.train.config import ConfigError, TrainConfig, load_config
 from mor.train.schedule import decay_steps, warmup_steps
-from mor.train.trainer import TrainingDiverged, train
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mor.train.checkpoint import CheckpointError  # heavy imports only when training
+    from mor.train.trainer import TrainingDiverged, train
+
     try:
         config = load_config(args.config, args.overrides)
         if args.dry_run:

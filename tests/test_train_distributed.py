@@ -1,0 +1,64 @@
+"""Two gloo processes (DDP and FSDP2) train exactly like one process on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_train_support import make_dataset, tiny_config
+
+from mor.train import train
+from mor.train.run_log import read_metrics
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform != "linux",
+                                reason="needs torch.distributed with gloo and fork")
+
+SECTIONS = dict(batch={"micro_batch_size": 2, "global_batch_size": 8}, budget={"steps": 4},
+                run={"eval_every": 2, "eval_batches": 2})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, data, out_dir, strategy: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    train(tiny_config(data, out_dir, **{**SECTIONS, "run": {**SECTIONS["run"], "strategy": strategy}}))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    data = make_dataset(root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(tiny_config(data, root / "run", **SECTIONS))
+    finally:
+        torch.set_num_threads(threads)
+    return data, read_metrics(root / "run")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(single, tmp_path, strategy):
+    data, expected = single
+    # fork: the children reuse this process's imports (spawn would re-import torch in each, ~10 s)
+    mp.start_processes(_worker, args=(2, _free_port(), data, tmp_path / "run", strategy), nprocs=2,
+                       start_method="fork")
+    got = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in got] == [m["step"] for m in expected]
+    for mine, theirs in zip(got, expected):
+        for key in ("loss", "lm_loss", "grad_norm", "val/nll_topk", "val/nll_causal"):
+            if key in theirs:
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (mine["step"], key)
+        assert mine["tokens"] == theirs["tokens"]  # tokens count every rank
+    assert sum("loss" in m for m in got) == 4 and sum("val/nll_topk" in m for m in got) == 2
