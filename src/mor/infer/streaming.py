@@ -48,15 +48,16 @@ class TextStreamer(Streamer):
     """Prints the text of one sequence as it grows; ``color_depth`` colours each piece by the depth that
     produced its token. Text is held back while it ends in an incomplete multi-byte character."""
 
-    def __init__(self, tokenizer: Decoder, color_depth: bool = False, stream: TextIO = sys.stdout,
+    def __init__(self, tokenizer: Decoder, color_depth: bool = False, stream: TextIO | None = None,
                  stop_token_ids: set[int] | None = None) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.color_depth = color_depth
-        self.stream = stream
+        self.stream = stream or sys.stdout
         self.stop_token_ids = stop_token_ids or set()
         self.tokens: list[int] = []
         self.printed = ""
+        self.depth: int | None = None  # of the latest token
 
     def on_tokens(self, tokens: list[int], depths: list[int] | None) -> None:
         if len(tokens) != 1:
@@ -64,17 +65,22 @@ class TextStreamer(Streamer):
         if tokens[0] in self.stop_token_ids:
             return
         self.tokens.append(tokens[0])
+        self.depth = None if depths is None else depths[0]
+        self._print(final=False)
+
+    def _print(self, final: bool) -> None:
         text = self.tokenizer.decode(self.tokens)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") and not final:
             return
         piece = text[len(self.printed):]
         self.printed = text
-        if self.color_depth and depths is not None and piece:
-            piece = depth_colour(depths[0]) + piece + RESET
+        if self.color_depth and self.depth is not None and piece:
+            piece = depth_colour(self.depth) + piece + RESET
         self.stream.write(piece)
         self.stream.flush()
 
     def end(self) -> None:
+        self._print(final=True)
         self.stream.write("\n")
         self.stream.flush()
 
