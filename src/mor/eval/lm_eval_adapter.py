@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mor.data.tokenizer import load_tokenizer
 from mor.eval.checkpoint import load_checkpoint
-from mor.eval.scoring import loglikelihoods, model_device, pad_token_id, routing_kwargs
+from mor.eval.scoring import eos_token_id, loglikelihoods, model_device, pad_token_id, routing_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,7 @@ class MoRLM(TemplateLM):
     # ------------------------------------------------------------------ tokenization
     @property
     def eot_token_id(self) -> int:
-        eos = getattr(self.model.config, "eos_token_id", None)
-        return 0 if eos is None else eos
+        return eos_token_id(self.model)
 
     @property
     def max_length(self) -> int:

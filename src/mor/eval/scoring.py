@@ -122,3 +122,9 @@ def routing_modes(model: torch.nn.Module, requested: str = "both") -> list[str |
 def pad_token_id(model: torch.nn.Module) -> int:
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     return 0 if pad is None else pad
+
+
+def eos_token_id(model: torch.nn.Module) -> int:
+    """End-of-text id: the context of a request whose context is empty, as in lm-evaluation-harness."""
+    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    return 0 if eos is None else eos

@@ -30,7 +30,7 @@ import torch
 from tokenizers import Tokenizer
 
 from mor.eval.results import Metric, mean_stderr
-from mor.eval.scoring import encode_pair, loglikelihoods, pad_token_id
+from mor.eval.scoring import encode_pair, eos_token_id, loglikelihoods, pad_token_id
 
 FEWSHOT_SEPARATOR = "\n\n"
 
@@ -173,7 +173,7 @@ def evaluate_task(
     """Score the first ``limit`` items of ``task`` (demonstrations come from the whole file)."""
     docs = load_docs(task, data_dir) if docs is None else docs
     scored = range(len(docs) if limit is None else min(limit, len(docs)))
-    eot = getattr(model.config, "eos_token_id", None) or 0
+    eot = eos_token_id(model)
     requests, owners = [], []
     for i in scored:
         for context, continuation in build_requests(task, docs, i, num_fewshot, seed):
