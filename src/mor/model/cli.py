@@ -1,0 +1,75 @@
+"""``mor info``: parameter and FLOP table of a configuration, without building weights."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import yaml
+
+from mor.config import PRESETS, MoRConfig
+from mor.flops import forward_flops_per_token, tokens_for_budget
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "info", help="parameter and FLOP table of a model configuration",
+        description="Print unique and unrolled parameters, forward FLOPs per token and the tokens a FLOP budget "
+                    "buys. Example: mor info smollm-360m --set sharing=middle_cycle num_recursions=3 router=expert",
+    )
+    parser.add_argument("preset", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint's config.json")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override config fields")
+    parser.add_argument("--seq-len", type=int, default=None, help="sequence length for attention FLOPs")
+    parser.add_argument("--budget", type=float, default=16.5e18, help="forward-FLOP budget (default 16.5e18)")
+    parser.set_defaults(func=run)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects FIELD=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.set)
+    try:
+        if args.preset in PRESETS:
+            config = MoRConfig.from_preset(args.preset, **overrides)
+        else:
+            config = MoRConfig.load(args.preset).replace(**overrides)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}")
+        return 2
+    from mor.model import MoRForCausalLM
+
+    with torch.device("meta"):
+        model = MoRForCausalLM(config)
+    seq_len = args.seq_len or config.max_position_embeddings
+    flops = forward_flops_per_token(config, seq_len)
+    shape = "+".join(str(n) for n in _layout(config))
+    rows = [
+        ("sharing / recursions", f"{config.sharing} / {config.num_recursions} ({shape} layers)"),
+        ("router / KV cache", f"{config.router} / {config.kv_cache}"),
+        ("unique parameters", f"{model.num_parameters():,}"),
+        ("unique non-embedding parameters", f"{model.num_parameters(exclude_embeddings=True):,}"),
+        ("unrolled non-embedding parameters", f"{model.num_parameters(exclude_embeddings=True, unique=False):,}"),
+        (f"forward FLOPs per token (N={seq_len})", f"{flops:.4g}"),
+        (f"tokens for {args.budget:.3g} FLOPs", f"{tokens_for_budget(config, args.budget, seq_len) / 1e9:.2f}B"),
+    ]
+    if config.router == "expert":
+        rows.insert(2, ("capacities", ", ".join(f"{c:.3f}" for c in config.step_capacities)))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def _layout(config: MoRConfig) -> list[int]:
+    if config.sharing == "none":
+        return [config.num_hidden_layers]
+    block = config.recursion_block_size
+    return [1, block, 1] if config.is_middle else [block]
