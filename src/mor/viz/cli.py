@@ -176,7 +176,7 @@ def _rows(source: str, tokenizer, seq_len: int, vocab_size: int):
             raise ValueError(f"{source} was tokenized with {shards.vocab_size} tokens but the model's vocabulary "
                              f"holds {vocab_size}; use shards made with the model's tokenizer")
         return shard_rows(shards, seq_len)
-    return text_rows(tokenizer.backend, source, seq_len, tokenizer.eos_token_id)
+    return text_rows(tokenizer, source, seq_len)
 
 
 @_handler

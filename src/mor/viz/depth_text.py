@@ -38,10 +38,15 @@ def token_pieces(tokenizer: TextTokenizer, text: str) -> tuple[list[int], list[s
     return encoding.ids, pieces
 
 
+_VISIBLE = {" ": "␣", "\n": "↵", "\t": "→"}
+
+
 def token_label(tokenizer: TextTokenizer, token_id: int) -> str:
-    """One token as readable text: spaces as ``␣``, newlines as ``↵``, tabs as ``→``."""
+    """One token as readable text: spaces as ``␣``, newlines as ``↵``, tabs as ``→``, other control characters
+    escaped (``\\x0f``)."""
     text = tokenizer.decode([token_id])
-    return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "→") or f"<{token_id}>"
+    label = "".join(_VISIBLE.get(c, c if c.isprintable() else ascii(c)[1:-1]) for c in text)
+    return label or f"<{token_id}>"
 
 
 # ------------------------------------------------------------------------------------------------------ HTML
@@ -115,7 +120,8 @@ def _layout(pieces: list[str], depths: list[int], font: FontProperties, x0: floa
         label, spaced, newline = _display(piece)
         width = _width(label, font) + 2 * _PAD
         start = x + (gap if spaced and x > x0 else 0.0)
-        if start + width > right and x > x0:
+        line_break_only = newline and not label.strip("↵")  # may hang into the margin rather than wrap alone
+        if start + width > right and x > x0 and not line_break_only:
             y, start = y + _LINE, x0
         boxes.append(_Box(start, y, width, label, depth))
         x = start + width + 1.0

@@ -66,7 +66,8 @@ def routing_metrics(trace: RoutingTrace, num_recursions: int) -> dict[str, Any]:
             selected = depths >= step
             entered = ~scores.isnan()
             metrics[f"selected_fraction/step{step}"] = selected[entered].float().mean().item()
-            metrics[f"sampling_accuracy/step{step}"] = sampling_accuracy(scores, selected, trace.threshold)
+            if trace.routing == "topk":  # in causal mode the decisions are the selection
+                metrics[f"sampling_accuracy/step{step}"] = sampling_accuracy(scores, selected, trace.threshold)
     if trace.probs is not None:
         metrics["load"], metrics["max_violation"] = load_balance(depths, num_recursions)
         metrics["entropy"] = router_entropy(trace.probs)

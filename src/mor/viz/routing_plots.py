@@ -36,6 +36,7 @@ def plot_tokens_per_depth(per_depth: dict[int, list[dict[str, Any]]], num_recurs
             ax.set_xlim(0, max(counts) * 1.25)  # room for the share labels
         ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle(title, fontsize=11)
+    fig.supxlabel("labels: share of the token's occurrences that ran this depth", fontsize=8)
     return save(fig, path)
 
 
@@ -52,13 +53,14 @@ def plot_router_scores(trace: RoutingTrace, path: str | Path, title: str) -> Pat
         values = scores[entered].numpy()
         ax.hist(values[selected], bins=bins, color="#2a788e", alpha=0.75, label="selected")
         ax.hist(values[~selected], bins=bins, color="#f98e09", alpha=0.75, label="not selected")
-        ax.axvline(trace.threshold, color="black", linestyle="--", linewidth=1)
+        ax.axvline(trace.threshold, color="black", linestyle="--", linewidth=1,
+                   label=f"causal threshold {trace.threshold:g}")
         ax.set_yscale("log")
         ax.set_title(f"step {step}", fontsize=10)
         ax.set_xlabel("router score", fontsize=9)
         ax.tick_params(labelsize=8)
     axes[0].set_ylabel("tokens", fontsize=9)
-    axes[-1].legend(fontsize=8, frameon=False)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     return save(fig, path)
 

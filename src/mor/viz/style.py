@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from matplotlib import colormaps
-from matplotlib.colors import to_hex
+from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
 
 DEPTH_CMAP = "viridis_r"  # light (shallow) to dark (deep); readable for colour-blind viewers
@@ -23,9 +23,11 @@ def depth_colors(num_recursions: int) -> list[str]:
 
 
 def text_color(background: str) -> str:
-    """Black or white, whichever reads better on ``background`` (relative luminance)."""
-    r, g, b = (int(background[i:i + 2], 16) / 255 for i in (1, 3, 5))
-    return "#000000" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "#ffffff"
+    """Black or white, whichever contrasts more with ``background`` (WCAG relative luminance)."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in to_rgb(background)]
+    luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+    # Contrast ratios: with black (L + 0.05) / 0.05, with white 1.05 / (L + 0.05).
+    return "#000000" if (luminance + 0.05) ** 2 > 0.05 * 1.05 else "#ffffff"
 
 
 def new_figure(width: float, height: float) -> Figure:
