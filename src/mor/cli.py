@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "mor.infer.cli",
     "mor.interop.cli",
     "mor.viz.cli",
+    "mor.quickstart",
 )
 
 
