@@ -11,6 +11,7 @@ from mor.interop import UnsupportedCheckpointError, export_hf, load_hf_llama, to
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 256
+ROPE_THETA = 5000.0
 
 
 def tokens(batch: int = 2, seq_len: int = 20, seed: int = 1) -> torch.Tensor:
@@ -20,7 +21,7 @@ def tokens(batch: int = 2, seq_len: int = 20, seed: int = 1) -> torch.Tensor:
 def tiny_llama(tie: bool = True, **overrides) -> "transformers.LlamaForCausalLM":
     torch.manual_seed(0)
     fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=5000.0,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=ROPE_THETA,
                   rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=3, eos_token_id=[4, 5], pad_token_id=6)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**fields, **overrides})).eval()
     with torch.no_grad():  # norm gains away from 1 so that a dropped or misplaced norm shows in the logits
@@ -139,7 +140,7 @@ def write_gguf(hf, path) -> None:
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_rope_freq_base(ROPE_THETA)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)

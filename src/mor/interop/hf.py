@@ -66,7 +66,7 @@ class MoRHFForCausalLM(PreTrainedModel):
         self.__dict__["core"] = core
         self.post_init()
 
-    def train(self, mode: bool = True) -> "MoRHFForCausalLM":
+    def train(self, mode: bool = True) -> MoRHFForCausalLM:
         super().train(mode)
         self.core.training = mode  # the core picks top-k (train) or causal (eval) routing from this flag
         return self

@@ -145,13 +145,12 @@ def load_hf_llama(path: str | Path, dtype: torch.dtype | None = None) -> MoRForC
 
 def _read_weights(folder: Path) -> dict[str, Tensor]:
     if (folder / SAFETENSORS_INDEX).is_file() or (folder / SAFETENSORS).is_file():
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file as load
 
         files = _weight_files(folder, SAFETENSORS_INDEX, SAFETENSORS)
-        load = lambda file: load_file(str(file))  # noqa: E731
     elif (folder / BIN_INDEX).is_file() or (folder / BIN).is_file():
+        load = _load_bin
         files = _weight_files(folder, BIN_INDEX, BIN)
-        load = lambda file: torch.load(file, map_location="cpu", weights_only=True)  # noqa: E731
     else:
         raise FileNotFoundError(f"{folder} holds no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or "
                                 f"{BIN_INDEX}")
@@ -161,6 +160,10 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
             raise FileNotFoundError(f"weight shard {file} (listed in the index) is missing")
         state.update(load(file))
     return state
+
+
+def _load_bin(file: Path) -> dict[str, Tensor]:
+    return torch.load(file, map_location="cpu", weights_only=True)  # tensors only: no code runs from the file
 
 
 def _weight_files(folder: Path, index: str, single: str) -> list[Path]:
@@ -176,10 +179,14 @@ def _read_gguf(file: Path) -> tuple[MoRConfig, dict[str, Tensor]]:
     except ImportError as error:
         raise ImportError("reading GGUF needs transformers, gguf and accelerate: "
                           "pip install 'transformers>=4.45' gguf accelerate") from error
+    from gguf import GGUFReader
+
     # transformers maps GGUF names to Llama's, undoes llama.cpp's q/k row permutation and dequantizes.
     hf = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name)
-    config = config_from_hf(hf.config.to_dict())
-    return config, hf.state_dict()
+    hf_config = hf.config.to_dict()
+    # A GGUF without an output matrix has a tied head; older transformers (4.45) miss that and leave the head random.
+    hf_config["tie_word_embeddings"] = all(t.name != "output.weight" for t in GGUFReader(file).tensors)
+    return config_from_hf(hf_config), hf.state_dict()
 
 
 def _load_llama_state(model: MoRForCausalLM, state: dict[str, Tensor], source: str) -> None:
