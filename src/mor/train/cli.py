@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1 if not isinstance(error, ConfigError) else 2
-    if result.stopped_by is None:
+    if result.stopped_by is None and int(os.environ.get("RANK", "0")) == 0:
         summary = ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items())
         loss = f"{result.loss:.4f}" if result.loss is not None else "n/a"
         print(f"done: step {result.step}, {result.tokens:,} tokens, loss {loss}"
