@@ -46,6 +46,8 @@ class MoRLM(TemplateLM):
         max_length: int | None = None,
     ) -> None:
         super().__init__()
+        if routing not in (None, "topk", "causal"):
+            raise ValueError(f"routing must be 'topk' or 'causal', got {routing!r}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(pretrained, torch.nn.Module):
             if tokenizer is None:
@@ -55,8 +57,6 @@ class MoRLM(TemplateLM):
         else:
             self.model, text_tokenizer = load_checkpoint(pretrained, tokenizer, device, dtype)
             self._tokenizer = text_tokenizer.backend
-        if routing not in (None, "topk", "causal"):
-            raise ValueError(f"routing must be 'topk' or 'causal', got {routing!r}")
         self.routing = routing
         self._device = model_device(self.model)
         self._max_length = int(max_length or self.model.config.max_position_embeddings)
