@@ -169,3 +169,12 @@ def test_incomplete_checkpoint_is_refused_and_ignored(finished, tmp_path):
         Trainer(config, resume=checkpoint)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         Trainer(config, resume=tmp_path / "nowhere")
+
+
+def test_data_problems_are_config_errors(data, tmp_path):
+    with pytest.raises(ConfigError, match="data.path: .* not a prepared token folder"):
+        Trainer(tiny_config(tmp_path / "nothing", tmp_path / "a"))
+    with pytest.raises(ConfigError, match="model.vocab_size: 256 is smaller than the 300 tokens"):
+        Trainer(tiny_config(data, tmp_path / "b", model={"vocab_size": 256}))
+    with pytest.raises(ConfigError, match="data.seq_len: 512 exceeds model.max_position_embeddings 256"):
+        Trainer(tiny_config(data, tmp_path / "c", data={"seq_len": 512}))

@@ -58,6 +58,24 @@ class Trainer:
         self.budget: Budget = resolve_budget(config, self.model_config, self.env.world_size)
         resume_from = self._resume_path(resume)
 
+        data = config.data
+        if data.seq_len > self.model_config.max_position_embeddings:
+            raise ConfigError(f"data.seq_len: {data.seq_len} exceeds model.max_position_embeddings "
+                              f"{self.model_config.max_position_embeddings}")
+        try:
+            self.train_shards = TokenShards(data.path, split=data.train_split)
+            self.val_shards = TokenShards(data.path, split=data.val_split) if data.val_split else None
+            self.loader = PackedBatches(self.train_shards, data.seq_len,
+                                        config.batch.micro_batch_size * self.budget.grad_accum, seed=config.run.seed,
+                                        rank=self.env.rank, world_size=self.env.world_size,
+                                        document_masking=data.document_masking, eos_token_id=data.eos_token_id)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"data.path: {error}") from None
+        if self.train_shards.vocab_size > self.model_config.vocab_size:
+            raise ConfigError(f"model.vocab_size: {self.model_config.vocab_size} is smaller than the "
+                              f"{self.train_shards.vocab_size} tokens of the tokenizer that prepared {data.path}; "
+                              f"set model.vocab_size to at least {self.train_shards.vocab_size}")
+
         _seed_everything(config.run.seed)  # identical initial weights on every rank (FSDP does not broadcast)
         model = MoRForCausalLM(self.model_config).to(self.env.device)
         if config.run.compile:
@@ -68,18 +86,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.module, aux_params, config.optim, self.env.device)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, self.budget.steps)
         self.autocast = _autocast(config.run.dtype, self.env.device)
-
-        data = config.data
-        self.train_shards = TokenShards(data.path, split=data.train_split)
-        self.val_shards = TokenShards(data.path, split=data.val_split) if data.val_split else None
-        if self.train_shards.vocab_size > self.model_config.vocab_size:
-            raise ConfigError(f"model.vocab_size: {self.model_config.vocab_size} is smaller than the "
-                              f"{self.train_shards.vocab_size} tokens of the tokenizer that prepared {data.path}; "
-                              f"set model.vocab_size to at least {self.train_shards.vocab_size}")
-        self.loader = PackedBatches(self.train_shards, data.seq_len,
-                                    config.batch.micro_batch_size * self.budget.grad_accum, seed=config.run.seed,
-                                    rank=self.env.rank, world_size=self.env.world_size,
-                                    document_masking=data.document_masking, eos_token_id=data.eos_token_id)
         self.step = 0
         self.tokens = 0
 
