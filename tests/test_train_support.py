@@ -28,12 +28,12 @@ def make_dataset(root: Path) -> Path:
     return root / "data"
 
 
-def tiny_config(data: Path, out_dir: Path, **sections: dict[str, Any]) -> TrainConfig:
+def tiny_config(data_path: Path, out_dir: Path, **sections: dict[str, Any]) -> TrainConfig:
     """A tiny expert-choice MoR run of a few steps on CPU; ``sections`` update the defaults per section."""
     config: dict[str, Any] = {
         "model": {"preset": "tiny", "vocab_size": VOCAB, "sharing": "middle_cycle", "num_recursions": 2,
                   "router": "expert"},
-        "data": {"path": str(data), "seq_len": 32},
+        "data": {"path": str(data_path), "seq_len": 32},
         "optim": {"lr": 3e-3},
         "schedule": {"kind": "wsd", "warmup": 2},
         "budget": {"steps": 6},
