@@ -37,11 +37,12 @@ class GenerationOutput:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths.tolist())]
 
 
-def check_prompts(lengths: Sequence[int], max_new_tokens: int, context: int) -> None:
-    """Clear errors for empty prompts, bad lengths and prompts that leave no room to generate."""
+def check_prompts(lengths: Sequence[int], max_new_tokens: int, context: int, first: int = 0) -> None:
+    """Clear errors for empty prompts, bad lengths and prompts that leave no room to generate (prompts are
+    numbered from ``first``)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    for i, n in enumerate(lengths):
+    for i, n in enumerate(lengths, start=first):
         if n == 0:
             raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the model's BOS/EOS token)")
         if n > context:

@@ -167,6 +167,7 @@ class PagedKVCache:
         self._pages: list[list[list[int]]] = [[[] for _ in range(requests)] for _ in range(streams)]
         self._free = list(range(num_pages - 1, -1, -1))
         self.peak_pages = 0
+        self.appended = [0] * streams  # entries ever appended per stream (for bytes-per-token accounting)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, max_requests: int, max_seq_len: int, page_size: int = 16,
@@ -210,6 +211,7 @@ class PagedKVCache:
                 pages.append(self._free.pop())
                 updates.append((s, r, len(pages) - 1, pages[-1]))
             self._counts[s][r] = total
+            self.appended[s] += n
         if updates:
             s, r, slot, page = torch.tensor(updates, device=self.tables.device).unbind(1)
             self.tables[s, r, slot] = page
@@ -224,6 +226,11 @@ class PagedKVCache:
         self.tables[:, request] = self.trash
         self.counts[:, request] = 0
         self.lengths[request] = 0
+
+    def reset_accounting(self) -> None:
+        """Restart the peak-page and appended-entry counters (e.g. for a new benchmark run)."""
+        self.peak_pages = self.pages_in_use()
+        self.appended = [0] * len(self.appended)
 
     def host_count(self, stream: int, request: int) -> int:
         return self._counts[stream][request]

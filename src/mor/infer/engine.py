@@ -1,0 +1,541 @@
+"""Continuous depth-wise batching (MOR_SPEC 12): a serving loop that keeps the shared block's batch full.
+
+Every request has exactly one token in flight. A token goes through three stages:
+
+1. *entry*: embedding and the unique first layer(s) (the prelude), then the first routing decision;
+2. *block steps*: each engine step runs the shared recursion block once on up to ``max_batch_slots`` tokens,
+   whatever their depth and request; each token writes and reads the paged KV stream of its own depth
+   (recursion-wise caching) or reads its depth-1 stream (recursive KV sharing). After the block the router
+   decides per token (causal rule: ``sigmoid(logit) >= threshold``, or the auxiliary router's logit >= 0, or
+   the token-choice depth): continue at the next depth, or exit;
+3. *tail*: exited tokens are gathered, run through the unique last layer(s), norm and head; the next token is
+   sampled and enters again (stage 1). A slot freed by an exit is filled at the next step by a token waiting at
+   depth 1, so there are no bubbles waiting for the deepest token.
+
+Vanilla and fixed-depth recursive models run in the same loop (one block pass per token, i.e. continuous
+sequence-wise batching), so throughput comparisons are like for like.
+
+New requests are admitted as others finish. A prompt's tokens but the last are prefilled by the model's own
+causal forward into the paged streams; the last prompt token then enters like a generated one. When the page
+pool runs out, the most recently admitted request is preempted (its pages freed) and later recomputed from its
+prompt and the tokens it generated so far.
+
+Attention over ragged per-token caches is a padded gather of each token's pages plus a validity mask (generic,
+CPU and GPU). With ``cuda_graphs=True`` every stage runs on fixed bucket sizes with full-width block tables and
+is captured once per bucket as a CUDA graph; ``static_shapes=True`` runs exactly that computation without
+capturing, which is how the CPU tests check it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mor.infer.generate import check_prompts
+from mor.infer.sampling import SamplingParams, sample
+from mor.model.kv_cache import PagedKVCache
+from mor.model.layers import CacheUpdate
+from mor.model.routing import RoutingResult
+
+
+@dataclass
+class RequestResult:
+    """One request: generated ``tokens``, the recursion depth that produced each one, time to first token and
+    generation rate (seconds and tokens/s from the request's admission)."""
+
+    tokens: list[int]
+    depths: list[int]
+    time_to_first_token: float
+    tokens_per_second: float
+    preemptions: int = 0
+
+    @property
+    def depth_histogram(self) -> dict[int, int]:
+        return dict(sorted(Counter(self.depths).items()))
+
+
+@dataclass
+class EngineStats:
+    requests: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    block_steps: int
+    block_occupancy: float  # mean fraction of the block's slots filled per step
+    tail_steps: int
+    mean_tail_batch: float
+    prefills: int
+    preemptions: int
+    depth_histogram: dict[int, int]
+    kv_peak_bytes: int  # pages in use at the peak
+    kv_allocated_bytes: int  # the whole page pool
+    kv_bytes_per_token: float  # key/value bytes written per processed token, all layers
+    kv_block_ratio: float  # entries written in the recursion block per token, vs one per block position (vanilla)
+    kv_model_ratio: float  # the same over every unrolled position
+
+
+@dataclass
+class EngineOutput:
+    results: list[RequestResult]
+    stats: EngineStats
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: list[int]
+    max_new: int
+    tokens: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    slot: int = -1
+    step: int = 0  # the block step its in-flight token runs next (1-based)
+    ran: int = 0  # block steps its in-flight token has run
+    order: int = 0  # admission counter: the largest is the youngest
+    admitted: float = 0.0
+    first_token: float | None = None
+    preemptions: int = 0
+
+
+@dataclass
+class _Run:
+    """State of one ``Engine.generate`` call."""
+
+    params: SamplingParams
+    eos: set[int]
+    generator: torch.Generator | None
+    waiting: deque[_Request]
+    results: list[RequestResult | None]
+    start: float
+    active: dict[int, _Request] = field(default_factory=dict)
+    in_block: deque[int] = field(default_factory=deque)  # slots whose token waits for its next block step
+    exited: list[int] = field(default_factory=list)  # slots whose token waits for the tail
+    admissions: int = 0
+    block_steps: int = 0
+    block_tokens: int = 0
+    tail_steps: int = 0
+    tail_tokens: int = 0
+    prefills: int = 0
+    preemptions: int = 0
+    tokens_in: int = 0  # tokens that went through the model (prefilled or entered)
+    progress: tqdm | None = None
+
+
+class _Graph:
+    """A CUDA graph of ``fn`` over static copies of its inputs."""
+
+    def __init__(self, fn: Callable[..., Tensor], inputs: list[Tensor], pool: object) -> None:
+        self.inputs = [x.clone() for x in inputs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (the inputs point at the idle request)
+            fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = fn(*self.inputs)
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        for buffer, x in zip(self.inputs, inputs):
+            buffer.copy_(x)
+        self.graph.replay()
+        return self.output
+
+
+class Engine:
+    """Continuous depth-wise batching for a ``MoRForCausalLM`` (any variant).
+
+    ``max_batch_slots``: tokens per block step (B); ``max_requests``: requests in flight (default B);
+    ``max_seq_len``: prompt + generated tokens per request (default: the model's context); ``page_size``:
+    entries per KV page; ``num_pages``: pool size (default: the worst case, which never preempts);
+    ``max_recursions``: cap the depth at inference.
+    """
+
+    def __init__(self, model: nn.Module, max_batch_slots: int = 32, max_seq_len: int | None = None,
+                 page_size: int = 16, max_requests: int | None = None, num_pages: int | None = None,
+                 max_recursions: int | None = None, cuda_graphs: bool = False,
+                 static_shapes: bool | None = None) -> None:
+        cfg = model.config
+        if cfg.random_router:
+            raise ValueError("random routers decide by chance; the engine needs a trained (or calibrated) router")
+        if max_batch_slots < 1:
+            raise ValueError(f"max_batch_slots must be at least 1, got {max_batch_slots}")
+        if max_recursions is not None and max_recursions < 1:
+            raise ValueError(f"max_recursions must be at least 1, got {max_recursions}")
+        device = model.lm_head.weight.device
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        self.model = model.eval()
+        inner = model.model
+        self.slots = max_batch_slots
+        self.max_requests = max_requests or max_batch_slots
+        self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_recursions = max_recursions
+        self.cuda_graphs = cuda_graphs
+        self.static_shapes = cuda_graphs if static_shapes is None else static_shapes
+
+        steps = inner.plan.steps
+        if max_recursions is not None and cfg.sharing in ("cycle", "middle_cycle"):
+            steps = steps[:max_recursions]
+        self.steps = steps
+        self.prelude, self.coda = inner.plan.prelude, inner.plan.coda
+        self.block = [inner.unrolled_layer(p) for p in steps[0]]
+        # Depth reported per block pass: a sequence-shared block repeats each layer Nr times in one pass.
+        self.depth_unit = 1 if cfg.sharing in ("none", "cycle", "middle_cycle") else cfg.num_recursions
+
+        self.cache = PagedKVCache.for_model(model, self.max_requests, self.max_seq_len, page_size, num_pages)
+        self.idle = self.cache.idle
+        stream = self.cache.stream
+        writes = [[inner.kv_position(p) == p for p in step] for step in steps]
+        self._writes = writes
+        self._write_stream = [[stream[p] if w else 0 for p, w in zip(step, row)] for step, row in zip(steps, writes)]
+        self._read_stream = [[stream[inner.kv_position(p)] for p in step] for step in steps]
+        as_tensor = lambda rows, dtype: torch.tensor(rows, dtype=dtype, device=device)  # noqa: E731
+        self.writes = as_tensor(writes, torch.bool)
+        self.write_stream = as_tensor(self._write_stream, torch.long)
+        self.read_stream = as_tensor(self._read_stream, torch.long)
+
+        rows, dim, dtype = self.max_requests + 1, cfg.hidden_size, model.lm_head.weight.dtype
+        self.hidden = torch.zeros(rows, dim, dtype=dtype, device=device)
+        self.first = torch.zeros_like(self.hidden)  # token-choice: H^1, the block's input
+        self.gate = torch.zeros(rows, device=device)
+        self.target = torch.zeros(rows, dtype=torch.long, device=device)  # token-choice depth
+        self.position = torch.zeros(rows, dtype=torch.long, device=device)
+        expert = inner.expert
+        self.full_capacity = None if expert is None else torch.tensor(
+            [expert.capacity(r) >= 1.0 for r in range(cfg.num_recursions)], device=device)
+        self._graphs: dict[tuple[str, int], _Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self._free_slots = list(range(self.max_requests - 1, -1, -1))
+        self._admissions = 0
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 32, *,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
+                 seed: int | None = None, progress: bool = False) -> EngineOutput:
+        """Serve ``prompts`` (lists of token ids; all queued at once) and return per-request results, in order,
+        and aggregate statistics. ``max_new_tokens``: one count or one per prompt."""
+        params = SamplingParams(do_sample, temperature, top_k, top_p)
+        prompts = [list(p) for p in prompts]
+        counts = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(counts) != len(prompts):
+            raise ValueError(f"max_new_tokens has {len(counts)} entries for {len(prompts)} prompts")
+        vocab = self.model.config.vocab_size
+        for i, (prompt, count) in enumerate(zip(prompts, counts)):
+            check_prompts([len(prompt)], count, self.max_seq_len, first=i)
+            if any(not 0 <= t < vocab for t in prompt):
+                raise ValueError(f"prompt {i}: token ids must lie in [0, {vocab})")
+        eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        device = self.hidden.device
+        run = _Run(params, eos, None if seed is None else torch.Generator(device).manual_seed(seed),
+                   deque(_Request(i, p, n) for i, (p, n) in enumerate(zip(prompts, counts))),
+                   [None] * len(prompts), time.perf_counter())
+        for i, request in enumerate(run.waiting):
+            if request.max_new == 0:
+                run.results[i] = RequestResult([], [], 0.0, 0.0)
+        run.waiting = deque(r for r in run.waiting if r.max_new > 0)
+        run.progress = tqdm(total=sum(counts), unit="tok", desc="generate", disable=not progress)
+        self.cache.reset_accounting()
+        try:
+            while run.waiting or run.active:
+                self._admit(run)
+                if run.exited and (len(run.exited) >= self.slots or len(run.in_block) < self.slots):
+                    self._tail(run)
+                if run.in_block:
+                    self._block_step(run)
+        finally:
+            run.progress.close()
+            for slot in list(run.active):  # an error mid-way must not leak pages into the next call
+                self._release(run, slot)
+        return EngineOutput([r for r in run.results if r is not None], self._stats(run, time.perf_counter()))
+
+    # ------------------------------------------------------------------ scheduling (host)
+    def _admit(self, run: _Run) -> None:
+        entering: list[tuple[_Request, int, int]] = []
+        while run.waiting and self._free_slots:
+            request = run.waiting[0]
+            sequence = request.prompt + request.tokens
+            # Worst case for its prefill: every prompt token in every stream.
+            if len(self.cache.stream) * math.ceil(len(sequence) / self.cache.page_size) > self.cache.free_pages:
+                if not run.active:
+                    raise MemoryError(f"the KV page pool ({self.cache.free_pages} free pages) cannot hold a "
+                                      f"prompt of {len(sequence)} tokens; give the engine more pages")
+                break
+            run.waiting.popleft()
+            request.slot = self._free_slots.pop()
+            self._admissions += 1
+            request.order = self._admissions
+            if request.first_token is None:
+                request.admitted = time.perf_counter()
+            run.active[request.slot] = request
+            if len(sequence) > 1:
+                prefix = torch.tensor([sequence[:-1]], device=self.hidden.device)
+                self.model(prefix, routing="causal", cache=self.cache.view([request.slot]),
+                           max_recursions=self.max_recursions)
+                run.prefills += 1
+                run.tokens_in += len(sequence) - 1
+            entering.append((request, sequence[-1], len(sequence) - 1))
+        if entering:
+            self._enter(run, entering)
+
+    def _enter(self, run: _Run, entering: list[tuple[_Request, int, int]]) -> None:
+        slots = self._make_room(run, [r.slot for r, _, _ in entering],
+                                lambda slots: [(self.cache.stream[p], s) for s in slots for p in self.prelude])
+        entering = [e for e in entering if e[0].slot in slots]
+        if not entering:
+            return
+        device = self.hidden.device
+        inputs = [torch.tensor(slots, device=device), torch.tensor([t for _, t, _ in entering], device=device),
+                  torch.tensor([p for _, _, p in entering], device=device)]
+        pages = [self._pages([(self.cache.stream[p], s) for s in slots]) for p in self.prelude]
+        cont = self._call("entry", self._entry_fn, inputs, pages).tolist()
+        run.tokens_in += len(entering)
+        for (request, _, _), go in zip(entering, cont):
+            request.ran = 0
+            if go:
+                request.step = 1
+                run.in_block.append(request.slot)
+            else:  # the first router already says stop: depth 0
+                run.exited.append(request.slot)
+
+    def _block_step(self, run: _Run) -> None:
+        batch = [run.in_block.popleft() for _ in range(min(self.slots, len(run.in_block)))]
+
+        def needs(slots: list[int]) -> list[tuple[int, int]]:
+            return [(self._write_stream[r][j], s) for s in slots for r in [run.active[s].step - 1]
+                    for j in range(len(self.block)) if self._writes[r][j]]
+
+        batch = self._make_room(run, batch, needs)
+        if not batch:
+            return
+        device = self.hidden.device
+        step_index = [run.active[s].step - 1 for s in batch]
+        inputs = [torch.tensor(batch, device=device), torch.tensor(step_index, device=device)]
+        pages = [self._pages([(self._read_stream[r][j], s) for s, r in zip(batch, step_index)])
+                 for j in range(len(self.block))]
+        cont = self._call("block", self._block_fn, inputs, pages).tolist()
+        run.block_steps += 1
+        run.block_tokens += len(batch)
+        for slot, go in zip(batch, cont):
+            request = run.active[slot]
+            request.ran += 1
+            if go:
+                request.step += 1
+                run.in_block.append(slot)
+            else:
+                run.exited.append(slot)
+
+    def _tail(self, run: _Run) -> None:
+        batch, run.exited = run.exited[: self.max_requests], run.exited[self.max_requests:]
+        batch = self._make_room(run, batch, lambda slots: [(self.cache.stream[p], s) for s in slots
+                                                           for p in self.coda])
+        if not batch:
+            return
+        inputs = [torch.tensor(batch, device=self.hidden.device)]
+        pages = [self._pages([(self.cache.stream[p], s) for s in batch]) for p in self.coda]
+        logits = self._call("tail", self._tail_fn, inputs, pages)
+        tokens = sample(logits, run.params, run.generator).tolist()
+        run.tail_steps += 1
+        run.tail_tokens += len(batch)
+        now = time.perf_counter()
+        entering = []
+        for slot, token in zip(batch, tokens):
+            request = run.active[slot]
+            request.tokens.append(token)
+            request.depths.append(request.ran * self.depth_unit)
+            if request.first_token is None:
+                request.first_token = now
+            if len(request.tokens) >= request.max_new or token in run.eos:
+                elapsed = now - request.admitted
+                run.results[request.index] = RequestResult(
+                    request.tokens, request.depths, request.first_token - run.start,
+                    len(request.tokens) / max(elapsed, 1e-9), request.preemptions)
+                self._release(run, slot)
+            else:
+                entering.append((request, token, len(request.prompt) + len(request.tokens) - 1))
+        assert run.progress is not None
+        run.progress.update(len(batch))
+        if entering:
+            self._enter(run, entering)
+
+    def _make_room(self, run: _Run, slots: list[int],
+                   needs: Callable[[list[int]], list[tuple[int, int]]]) -> list[int]:
+        """Reserve a page entry per (stream, slot) of ``needs(slots)``, preempting the youngest requests while
+        the pool is short; returns the slots that are still active."""
+        while True:
+            pairs = needs(slots)
+            streams, requests = [s for s, _ in pairs], [r for _, r in pairs]
+            if self.cache.pages_needed(streams, requests, [1] * len(pairs)) <= self.cache.free_pages:
+                self.cache.reserve(streams, requests, [1] * len(pairs))
+                return slots
+            if len(run.active) <= 1:
+                raise MemoryError("the KV page pool cannot hold a single request; give the engine more pages")
+            victim = max(run.active.values(), key=lambda r: r.order)
+            slots = [s for s in slots if s != victim.slot]
+            self._preempt(run, victim)
+
+    def _preempt(self, run: _Run, request: _Request) -> None:
+        slot = request.slot
+        if slot in run.in_block:
+            run.in_block.remove(slot)
+        if slot in run.exited:
+            run.exited.remove(slot)
+        self._release(run, slot)
+        request.preemptions += 1
+        run.preemptions += 1
+        run.waiting.appendleft(request)  # recomputed from prompt + generated tokens when readmitted
+
+    def _release(self, run: _Run, slot: int) -> None:
+        run.active.pop(slot).slot = -1
+        self.cache.release(slot)
+        self._free_slots.append(slot)
+
+    def _pages(self, pairs: list[tuple[int, int]]) -> int:
+        """Block-table width that covers every (stream, slot) of a batch."""
+        longest = max((self.cache.host_count(s, r) for s, r in pairs), default=1)
+        return max(1, math.ceil(longest / self.cache.page_size))
+
+    # ------------------------------------------------------------------ computation (device)
+    def _call(self, kind: str, fn: Callable[..., Tensor], inputs: list[Tensor], pages: list[int]) -> Tensor:
+        """Run ``fn`` on the batch: as is, or padded to a bucket (idle request) and full-width tables, from a
+        CUDA graph when enabled."""
+        n = inputs[0].shape[0]
+        if not self.static_shapes:
+            return fn(*inputs, pages=pages)
+        bucket = self._bucket(n, self.slots if kind == "block" else self.max_requests)
+        padded = [torch.cat([x, torch.full((bucket - n,), self.idle if i == 0 else 0, dtype=x.dtype,
+                                           device=x.device)]) for i, x in enumerate(inputs)]
+        full = [self.cache.max_pages] * len(pages)
+        if not self.cuda_graphs:
+            return fn(*padded, pages=full)[:n]
+        key = (kind, bucket)
+        if key not in self._graphs:
+            idle = [torch.full_like(x, self.idle if i == 0 else 0) for i, x in enumerate(padded)]
+            self._graphs[key] = _Graph(lambda *xs: fn(*xs, pages=full), idle, self._pool)
+        return self._graphs[key](*padded)[:n]
+
+    @staticmethod
+    def _bucket(n: int, largest: int) -> int:
+        return min(1 << (n - 1).bit_length(), largest)
+
+    def _cache_update(self, write_stream: Tensor, write: Tensor, read_stream: Tensor, slots: Tensor,
+                      positions: Tensor, pages: int) -> CacheUpdate:
+        """Append each token's key/value to its stream (where ``write``), then attend to its read stream."""
+        cache = self.cache
+
+        def update(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            cache.write(write_stream, slots, k[:, :, 0], v[:, :, 0], positions, write)
+            keys, values, _, valid = cache.read(read_stream, slots, pages)
+            return keys, values, valid[:, None, None, :]
+
+        return update
+
+    def _unique_layers(self, positions: tuple[int, ...], x: Tensor, slots: Tensor, pages: list[int]) -> Tensor:
+        """Run the prelude or coda positions on tokens ``x`` [n, d] of ``slots``."""
+        inner = self.model.model
+        t = self.position[slots]
+        rope = inner.rotary(t[:, None], x.dtype)
+        real = slots != self.idle
+        x = x[:, None]
+        for p, width in zip(positions, pages):
+            stream = torch.full_like(slots, self.cache.stream[p])
+            x = inner.unrolled_layer(p)(x, rope, None, cache=self._cache_update(stream, real, stream, slots, t,
+                                                                                width))[0]
+        return x[:, 0]
+
+    def _entry_fn(self, slots: Tensor, tokens: Tensor, positions: Tensor, pages: list[int]) -> Tensor:
+        """Embedding, prelude and first routing decision of new tokens; whether each runs the first step."""
+        inner = self.model.model
+        self.position[slots] = positions
+        h = self._unique_layers(self.prelude, inner.embed_tokens(tokens), slots, pages)
+        self.hidden[slots] = h
+        go = torch.ones_like(slots, dtype=torch.bool)
+        if inner.expert is not None:
+            go, self.gate[slots] = self._expert_decision(h, torch.zeros_like(slots))
+        elif inner.token is not None:
+            self.first[slots] = h
+            depth, gate = inner.token.assign(h[None], None, RoutingResult())
+            self.target[slots] = depth[0].clamp(max=len(self.steps))
+            self.gate[slots] = gate[0]
+        return go
+
+    def _expert_decision(self, h: Tensor, router: Tensor) -> tuple[Tensor, Tensor]:
+        """Causal decision of router index ``router`` [n] per token (MOR_SPEC 4.10) and the gate it gives."""
+        expert = self.model.model.expert
+        cfg = self.model.config
+        pick = router[:, None]
+        logits = torch.stack([expert.logits(r, h) for r in range(cfg.num_recursions)], -1).gather(1, pick)[:, 0]
+        if expert.aux_routers:
+            decision = torch.stack([a(h / cfg.router_temperature)[:, 0] for a in expert.aux_routers], -1)
+            decision = decision.gather(1, pick)[:, 0]
+        else:
+            decision = logits - math.log(cfg.causal_threshold / (1 - cfg.causal_threshold))
+        go = self.full_capacity[router] | (decision >= 0)
+        return go, expert.gate(logits)
+
+    def _block_fn(self, slots: Tensor, step_index: Tensor, pages: list[int]) -> Tensor:
+        """One application of the shared block to tokens at mixed depths; whether each continues."""
+        inner = self.model.model
+        h = self.hidden[slots]
+        t = self.position[slots]
+        rope = inner.rotary(t[:, None], h.dtype)
+        real = slots != self.idle
+        x = h[:, None]
+        for j, (layer, width) in enumerate(zip(self.block, pages)):
+            update = self._cache_update(self.write_stream[step_index, j], self.writes[step_index, j] & real,
+                                        self.read_stream[step_index, j], slots, t, width)
+            x = layer(x, rope, None, cache=update)[0]
+        out = x[:, 0]
+        more = step_index + 1 < len(self.steps)
+        if inner.expert is not None:
+            self.hidden[slots] = h + (self.gate[slots][:, None] * out).to(h.dtype)
+            router = (step_index + 1).clamp(max=self.model.config.num_recursions - 1)
+            go, gate = self._expert_decision(self.hidden[slots], router)
+            self.gate[slots] = gate
+            return more & go
+        if inner.token is not None:
+            target = self.target[slots]
+            gated = self.gate[slots][:, None].to(out.dtype) * out
+            exits = (step_index + 1 == target)[:, None]
+            keep = out if self.model.config.token_gating == "exit" else gated
+            self.hidden[slots] = torch.where(exits, self.first[slots] + gated, keep)
+            return step_index + 1 < target
+        self.hidden[slots] = out
+        return more
+
+    def _tail_fn(self, slots: Tensor, pages: list[int]) -> Tensor:
+        """Coda, norm and head of exited tokens: next-token logits [n, V]."""
+        h = self._unique_layers(self.coda, self.hidden[slots], slots, pages)
+        return self.model.lm_head(self.model.model.norm(h))
+
+    # ------------------------------------------------------------------ statistics
+    def _stats(self, run: _Run, end: float) -> EngineStats:
+        results = [r for r in run.results if r is not None]
+        tokens = sum(len(r.tokens) for r in results)
+        seconds = end - run.start
+        histogram: Counter[int] = Counter()
+        for r in results:
+            histogram.update(r.depths)
+        plan, cache = self.model.model.plan, self.cache
+        appended = {p: cache.appended[s] for p, s in cache.stream.items()}
+        block = [p for step in self.steps for p in step]
+        per_token = max(run.tokens_in, 1)
+        entry_bytes = cache.keys[0, 0].nbytes * 2
+        return EngineStats(
+            requests=len(results), tokens=tokens, seconds=seconds, tokens_per_second=tokens / max(seconds, 1e-9),
+            block_steps=run.block_steps, block_occupancy=run.block_tokens / max(run.block_steps * self.slots, 1),
+            tail_steps=run.tail_steps, mean_tail_batch=run.tail_tokens / max(run.tail_steps, 1),
+            prefills=run.prefills, preemptions=run.preemptions, depth_histogram=dict(sorted(histogram.items())),
+            kv_peak_bytes=cache.peak_pages * cache.page_nbytes(), kv_allocated_bytes=cache.nbytes(),
+            kv_bytes_per_token=sum(appended.values()) * entry_bytes / per_token,
+            kv_block_ratio=sum(appended.get(p, 0) for p in block) / (per_token * len(block)),
+            kv_model_ratio=sum(appended.values()) / (per_token * plan.num_positions),
+        )

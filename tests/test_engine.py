@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from mor.infer.engine import Engine
+from test_infer import make, tokens
+
+PROMPT_LENGTHS = (1, 5, 3, 7, 2)
+NEW_TOKENS = [6, 9, 4, 7, 5]
+
+
+def prompts(lengths=PROMPT_LENGTHS) -> list[list[int]]:
+    return [tokens(1, n, seed=n)[0].tolist() for n in lengths]
+
+
+def assert_matches_generate(model, out, prompt_list, new_tokens, **kwargs):
+    for prompt, count, result in zip(prompt_list, new_tokens, out.results):
+        reference = model.generate(torch.tensor([prompt]), max_new_tokens=count, **kwargs)
+        assert result.tokens == reference.sequences()[0]
+        assert result.depths == reference.depths[0, :len(result.tokens)].tolist()
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "recursive_cycle", "recursive_sequence_share",
+                                     "recursive_middle_cycle_share", "expert", "expert_share", "expert_aux_router",
+                                     "expert_cycle_mlp", "token", "token_share"])
+def test_engine_generates_what_generate_does_token_for_token(variant):
+    model = make(variant)
+    out = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4).generate(prompts(), NEW_TOKENS)
+    assert_matches_generate(model, out, prompts(), NEW_TOKENS)
+    assert [len(r.tokens) for r in out.results] == NEW_TOKENS
+    if "expert" in variant or "token" in variant:
+        assert len(out.stats.depth_histogram) > 1, "depths should vary in this test"
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "expert_share", "token"])
+def test_fixed_shape_step_for_cuda_graphs_computes_the_same(variant):
+    # The computation a CUDA graph captures (padded buckets, full block tables), run eagerly.
+    model = make(variant)
+    out = Engine(model, max_batch_slots=4, max_seq_len=32, page_size=4, static_shapes=True).generate(
+        prompts(), NEW_TOKENS)
+    assert_matches_generate(model, out, prompts(), NEW_TOKENS)
+
+
+def test_short_page_pool_preempts_and_recomputes_without_changing_tokens():
+    model = make("expert")
+    lengths, new_tokens = (1, 5, 3, 7, 2, 4), [12, 9, 14, 7, 10, 11]
+    engine = Engine(model, max_batch_slots=4, max_seq_len=24, page_size=2, num_pages=40)
+    out = engine.generate(prompts(lengths), new_tokens)
+    assert out.stats.preemptions > 0
+    assert_matches_generate(model, out, prompts(lengths), new_tokens)
+    assert engine.cache.pages_in_use() == 0
+    with pytest.raises(MemoryError, match="more pages"):
+        Engine(model, max_batch_slots=2, max_seq_len=24, page_size=2, num_pages=4).generate(prompts((7,)), 4)
+
+
+def test_more_requests_in_flight_than_block_slots():
+    model = make("token")
+    out = Engine(model, max_batch_slots=2, max_requests=4, max_seq_len=32, page_size=4).generate(
+        prompts(), NEW_TOKENS)
+    assert_matches_generate(model, out, prompts(), NEW_TOKENS)
+    assert out.stats.block_occupancy > 0.9  # four requests keep two slots busy
+
+
+def test_kv_accounting_follows_the_depths_each_token_ran():
+    model = make("expert")
+    nr = model.config.num_recursions
+    out = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4).generate(prompts(), NEW_TOKENS)
+    # Every token that went through the model: the prompt and all generated tokens but the last.
+    processed = []
+    for prompt, result in zip(prompts(), out.results):
+        ids = torch.tensor([prompt + result.tokens[:-1]])
+        processed += model(ids, routing="causal").depths[0].tolist()
+    assert out.stats.kv_block_ratio == pytest.approx(sum(processed) / (len(processed) * nr))
+    shared = make("expert_share")
+    out = Engine(shared, max_batch_slots=3, max_seq_len=32, page_size=4).generate(prompts(), NEW_TOKENS)
+    assert out.stats.kv_block_ratio == pytest.approx(1 / nr)
+    vanilla = Engine(make("vanilla"), max_batch_slots=3, max_seq_len=32).generate(prompts(), NEW_TOKENS)
+    assert vanilla.stats.kv_block_ratio == pytest.approx(1.0) == vanilla.stats.kv_model_ratio
+    assert vanilla.stats.kv_bytes_per_token == 2 * 5 * 2 * 16 * 4  # K+V, 5 layers, 2 KV heads, dim 16, fp32
+
+
+def test_engine_stops_at_eos_and_caps_depth_like_generate():
+    model = make("expert")
+    free = Engine(model, max_batch_slots=3, max_seq_len=32).generate(prompts(), NEW_TOKENS)
+    eos = free.results[1].tokens[3]
+    out = Engine(model, max_batch_slots=3, max_seq_len=32).generate(prompts(), NEW_TOKENS, eos_token_id=eos)
+    assert_matches_generate(model, out, prompts(), NEW_TOKENS, eos_token_id=eos)
+    assert len(out.results[1].tokens) <= 4
+    capped = Engine(model, max_batch_slots=3, max_seq_len=32, max_recursions=2).generate(prompts(), NEW_TOKENS)
+    assert_matches_generate(model, capped, prompts(), NEW_TOKENS, max_recursions=2)
+    assert max(capped.stats.depth_histogram) == 2
+
+
+def test_sampling_in_the_engine_is_seeded():
+    engine = Engine(make("token"), max_batch_slots=3, max_seq_len=32)
+    runs = [engine.generate(prompts(), 8, do_sample=True, top_p=0.9, seed=seed) for seed in (1, 1, 2)]
+    tokens_of = [[r.tokens for r in run.results] for run in runs]
+    assert tokens_of[0] == tokens_of[1] != tokens_of[2]
+    for result in runs[0].results:
+        assert result.time_to_first_token >= 0 and result.tokens_per_second > 0
+        assert sum(result.depth_histogram.values()) == 8
+
+
+def test_engine_rejects_bad_requests_clearly():
+    engine = Engine(make("vanilla"), max_batch_slots=2, max_seq_len=16)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[1, 2], []], 4)
+    with pytest.raises(ValueError, match="prompt 0 .*at most 6 new tokens"):
+        engine.generate([list(range(1, 11))], 8)
+    with pytest.raises(ValueError, match=r"\[0, 256\)"):
+        engine.generate([[1, 999]], 2)
+    with pytest.raises(ValueError, match="2 entries for 1 prompts"):
+        engine.generate([[1]], [2, 3])
+    with pytest.raises(ValueError, match="top_k"):
+        engine.generate([[1]], 2, do_sample=True, top_k=0)
+    assert engine.generate([[1], [2]], [0, 3]).results[0].tokens == []
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(make("vanilla"), cuda_graphs=True)
