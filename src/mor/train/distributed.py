@@ -49,7 +49,9 @@ def setup(config: RunConfig) -> DistEnv:
             device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    # Under torchrun (RANK is set) ddp/fsdp wrap the model even for one process, so that path can be checked.
+    launched = "RANK" in os.environ and config.strategy != "none"
+    if launched and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
     return DistEnv(rank, local_rank, world_size, device)
@@ -61,7 +63,7 @@ def teardown() -> None:
 
 
 def wrap(model: nn.Module, strategy: str, env: DistEnv) -> nn.Module:
-    if env.world_size == 1 or strategy == "none":
+    if strategy == "none" or not dist.is_initialized():
         return model
     if strategy == "ddp":
         # The model keeps its buffers (balancing bias) identical across ranks itself: no broadcast per forward.
