@@ -1,8 +1,8 @@
 import pytest
 import torch
+from test_infer import make, tokens
 
 from mor.infer.engine import Engine
-from test_infer import make, tokens
 
 PROMPT_LENGTHS = (1, 5, 3, 7, 2)
 NEW_TOKENS = [6, 9, 4, 7, 5]

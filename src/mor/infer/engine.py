@@ -196,10 +196,9 @@ class Engine:
         self._writes = writes
         self._write_stream = [[stream[p] if w else 0 for p, w in zip(step, row)] for step, row in zip(steps, writes)]
         self._read_stream = [[stream[inner.kv_position(p)] for p in step] for step in steps]
-        as_tensor = lambda rows, dtype: torch.tensor(rows, dtype=dtype, device=device)  # noqa: E731
-        self.writes = as_tensor(writes, torch.bool)
-        self.write_stream = as_tensor(self._write_stream, torch.long)
-        self.read_stream = as_tensor(self._read_stream, torch.long)
+        self.writes = torch.tensor(writes, dtype=torch.bool, device=device)
+        self.write_stream = torch.tensor(self._write_stream, dtype=torch.long, device=device)
+        self.read_stream = torch.tensor(self._read_stream, dtype=torch.long, device=device)
 
         rows, dim, dtype = self.max_requests + 1, cfg.hidden_size, model.lm_head.weight.dtype
         self.hidden = torch.zeros(rows, dim, dtype=dtype, device=device)
@@ -295,8 +294,8 @@ class Engine:
         device = self.hidden.device
         inputs = [torch.tensor(slots, device=device), torch.tensor([t for _, t, _ in entering], device=device),
                   torch.tensor([p for _, _, p in entering], device=device)]
-        pages = [self._pages([(self.cache.stream[p], s) for s in slots]) for p in self.prelude]
-        cont = self._call("entry", self._entry_fn, inputs, pages).tolist()
+        cont = self._call("entry", self._entry_fn, inputs, lambda: [
+            self._pages([(self.cache.stream[p], s) for s in slots]) for p in self.prelude]).tolist()
         run.tokens_in += len(entering)
         for (request, _, _), go in zip(entering, cont):
             request.ran = 0
@@ -319,9 +318,9 @@ class Engine:
         device = self.hidden.device
         step_index = [run.active[s].step - 1 for s in batch]
         inputs = [torch.tensor(batch, device=device), torch.tensor(step_index, device=device)]
-        pages = [self._pages([(self._read_stream[r][j], s) for s, r in zip(batch, step_index)])
-                 for j in range(len(self.block))]
-        cont = self._call("block", self._block_fn, inputs, pages).tolist()
+        cont = self._call("block", self._block_fn, inputs, lambda: [
+            self._pages([(self._read_stream[r][j], s) for s, r in zip(batch, step_index)])
+            for j in range(len(self.block))]).tolist()
         run.block_steps += 1
         run.block_tokens += len(batch)
         for slot, go in zip(batch, cont):
@@ -340,8 +339,8 @@ class Engine:
         if not batch:
             return
         inputs = [torch.tensor(batch, device=self.hidden.device)]
-        pages = [self._pages([(self.cache.stream[p], s) for s in batch]) for p in self.coda]
-        logits = self._call("tail", self._tail_fn, inputs, pages)
+        logits = self._call("tail", self._tail_fn, inputs, lambda: [
+            self._pages([(self.cache.stream[p], s) for s in batch]) for p in self.coda])
         tokens = sample(logits, run.params, run.generator).tolist()
         run.tail_steps += 1
         run.tail_tokens += len(batch)
@@ -404,23 +403,41 @@ class Engine:
         return max(1, math.ceil(longest / self.cache.page_size))
 
     # ------------------------------------------------------------------ computation (device)
-    def _call(self, kind: str, fn: Callable[..., Tensor], inputs: list[Tensor], pages: list[int]) -> Tensor:
-        """Run ``fn`` on the batch: as is, or padded to a bucket (idle request) and full-width tables, from a
-        CUDA graph when enabled."""
+    def _call(self, kind: str, fn: Callable[..., Tensor], inputs: list[Tensor],
+              pages: Callable[[], list[int]]) -> Tensor:
+        """Run ``fn`` on the batch: as is, with block tables as wide as ``pages()`` says, or padded to a bucket
+        (idle request) with full-width tables, from a CUDA graph when enabled."""
         n = inputs[0].shape[0]
         if not self.static_shapes:
-            return fn(*inputs, pages=pages)
+            return fn(*inputs, pages=pages())
         bucket = self._bucket(n, self.slots if kind == "block" else self.max_requests)
         padded = [torch.cat([x, torch.full((bucket - n,), self.idle if i == 0 else 0, dtype=x.dtype,
                                            device=x.device)]) for i, x in enumerate(inputs)]
-        full = [self.cache.max_pages] * len(pages)
         if not self.cuda_graphs:
-            return fn(*padded, pages=full)[:n]
+            return fn(*padded, pages=self._full_pages(kind))[:n]
+        return self._graph(kind, fn, bucket, len(inputs))(*padded)[:n]
+
+    def capture_graphs(self) -> None:
+        """Capture the CUDA graph of every stage and bucket now (otherwise each is captured on first use)."""
+        stages = (("entry", self._entry_fn, 3), ("block", self._block_fn, 2), ("tail", self._tail_fn, 1))
+        for kind, fn, count in stages:
+            largest = self.slots if kind == "block" else self.max_requests
+            for bucket in sorted({self._bucket(n, largest) for n in range(1, largest + 1)}):
+                self._graph(kind, fn, bucket, count)
+
+    def _graph(self, kind: str, fn: Callable[..., Tensor], bucket: int, count: int) -> _Graph:
         key = (kind, bucket)
         if key not in self._graphs:
-            idle = [torch.full_like(x, self.idle if i == 0 else 0) for i, x in enumerate(padded)]
+            device = self.hidden.device
+            idle = [torch.full((bucket,), self.idle, device=device)]
+            idle += [torch.zeros(bucket, dtype=torch.long, device=device) for _ in range(count - 1)]
+            full = self._full_pages(kind)
             self._graphs[key] = _Graph(lambda *xs: fn(*xs, pages=full), idle, self._pool)
-        return self._graphs[key](*padded)[:n]
+        return self._graphs[key]
+
+    def _full_pages(self, kind: str) -> list[int]:
+        layers = {"entry": len(self.prelude), "block": len(self.block), "tail": len(self.coda)}[kind]
+        return [self.cache.max_pages] * layers
 
     @staticmethod
     def _bucket(n: int, largest: int) -> int:

@@ -30,7 +30,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from mor.model.layers import CacheUpdate, KV, TokenLayout, allowed_attention
+from mor.model.layers import KV, CacheUpdate, TokenLayout, allowed_attention
 
 
 class KVCache(Protocol):
@@ -87,7 +87,7 @@ class StaticKVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int, extra_recursions: int = 0,
-                  dtype: torch.dtype | None = None) -> "StaticKVCache":
+                  dtype: torch.dtype | None = None) -> StaticKVCache:
         """A cache for every stream of ``model`` (a ``MoRForCausalLM``), on its device and in its dtype."""
         weight = model.lm_head.weight
         cfg = model.config
@@ -172,7 +172,7 @@ class PagedKVCache:
     @classmethod
     def for_model(cls, model: torch.nn.Module, max_requests: int, max_seq_len: int, page_size: int = 16,
                   num_pages: int | None = None, extra_recursions: int = 0,
-                  dtype: torch.dtype | None = None) -> "PagedKVCache":
+                  dtype: torch.dtype | None = None) -> PagedKVCache:
         """A pool for ``model``'s streams; ``num_pages`` defaults to the worst case (every request at full length
         in every stream), which never runs out."""
         positions = model.model.cache_positions(extra_recursions)
@@ -259,7 +259,7 @@ class PagedKVCache:
         valid = torch.arange(positions.shape[1], device=positions.device) < self.counts[streams, requests][:, None]
         return k, v, positions, valid
 
-    def view(self, requests: Sequence[int]) -> "PagedView":
+    def view(self, requests: Sequence[int]) -> PagedView:
         """The requests as the rows of a batch, for ``model(..., cache=view)`` (prefill)."""
         return PagedView(self, list(requests))
 

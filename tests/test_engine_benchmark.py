@@ -1,0 +1,58 @@
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+from mor import MoRConfig, MoRForCausalLM
+
+
+def load_benchmark():
+    path = REPO_ROOT / "benchmarks" / "decode_throughput.py"
+    spec = importlib.util.spec_from_file_location("decode_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_calibrated_routers_send_a_third_of_tokens_to_each_depth():
+    bench = load_benchmark()
+    torch.manual_seed(0)
+    model = MoRForCausalLM(MoRConfig.from_preset("tiny-8l", sharing="middle_cycle", num_recursions=3,
+                                                 router="expert")).eval()
+    bench.calibrate_exits(model, rows=8, seq_len=128, seed=0)
+    with torch.no_grad():
+        depths = model(torch.randint(0, 256, (8, 128)), routing="causal").depths  # fresh tokens
+    shares = torch.bincount(depths.flatten(), minlength=4)[1:].float() / depths.numel()
+    torch.testing.assert_close(shares, torch.full((3,), 1 / 3), atol=0.06, rtol=0)
+
+
+def test_kv_expectations_match_the_paper_ratios():
+    bench = load_benchmark()
+    for nr in (2, 3, 4):
+        cfg = MoRConfig.from_preset("smollm-360m", sharing="middle_cycle", num_recursions=nr, router="expert")
+        assert bench.block_ratio_target(cfg) == pytest.approx((nr + 1) / (2 * nr))
+        block = cfg.recursion_block_size
+        assert bench.kv_entries_per_token(cfg) == pytest.approx(2 + block * (nr + 1) / 2)
+        assert bench.block_ratio_target(cfg.replace(kv_cache="share")) == pytest.approx(1 / nr)
+
+
+def test_quick_cpu_run_writes_every_model_and_the_baselines(tmp_path):
+    pytest.importorskip("transformers")
+    bench = load_benchmark()
+    records = bench.main(["--device", "cpu", "--quick", "--requests", "6", "--mean-tokens", "6", "--std-tokens", "1",
+                          "--models", "vanilla,mor-3-share", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "decode_throughput.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(records))
+    by = {(r["model"], r["setting"]): r for r in records}
+    assert set(by) == {(m, s) for m in ("vanilla", "hf-static", "mor-3-share") for s in ("4", "max")}
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in records)
+    assert by["vanilla", "4"]["speedup"] == 1.0 and by["vanilla", "4"]["tokens"] == sum(
+        bench.generation_lengths(6, 6, 1, 0))
+    shared = by["mor-3-share", "max"]
+    assert shared["kv_block_ratio"] == pytest.approx(1 / 3)
+    assert shared["batch"] == 8  # the vanilla KV budget of 4 sequences holds 8 with 1/3 of the block's entries
+    assert 1 < shared["mean_depth"] < 3 and "calibrated" in shared["exits"]
