@@ -313,20 +313,20 @@ def normalise(records: list[dict]) -> None:
         if "tokens_per_s" not in r or r["model"].startswith("hf-"):
             continue
         peer = next((p for p in records if p["shape"] == r["shape"] and p["model"] == r["peer"]
-                     and p["setting"] == r["setting"] and "tokens_per_s" in p), None)
+                     and p["batch_size"] == r["batch_size"] and "tokens_per_s" in p), None)
         if peer:
             r["speedup"] = r["tokens_per_s"] / peer["tokens_per_s"]
 
 
 def print_table(records: list[dict]) -> None:
-    header = (f"{'shape':<6} {'model':<14} {'setting':<8} {'B':>4} {'tok/s':>10} {'speedup':>8} {'depth':>6} "
+    header = (f"{'shape':<6} {'model':<14} {'batch':<8} {'B':>4} {'tok/s':>10} {'speedup':>8} {'depth':>6} "
               f"{'occup':>6} {'KV blk':>7} {'target':>7} {'KV B/tok':>9} {'TTFT s':>7}")
     print("\n" + header + "\n" + "-" * len(header))
     for r in records:
         if "error" in r:
-            print(f"{r['shape']:<6} {r['model']:<14} {r.get('setting', ''):<8} error: {r['error'][:70]}")
+            print(f"{r['shape']:<6} {r['model']:<14} {r.get('batch_size', ''):<8} error: {r['error'][:70]}")
             continue
-        print(f"{r['shape']:<6} {r['model']:<14} {r['setting']:<8} {r['batch']:>4} {r['tokens_per_s']:>10,.0f} "
+        print(f"{r['shape']:<6} {r['model']:<14} {r['batch_size']:<8} {r['batch']:>4} {r['tokens_per_s']:>10,.0f} "
               f"{_fmt(r, 'speedup', '.2f'):>8} {_fmt(r, 'mean_depth', '.2f'):>6} "
               f"{_fmt(r, 'block_occupancy', '.2f'):>6} {_fmt(r, 'kv_block_ratio', '.3f'):>7} "
               f"{_fmt(r, 'kv_block_ratio_target', '.3f'):>7} {_fmt(r, 'kv_bytes_per_token', ',.0f'):>9} "
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             model, source = build(spec, args.device, dtype, args)
         except Exception as error:  # keep the other models
             traceback.print_exc()
-            records.append(dict(record_base, setting="-", error=f"{type(error).__name__}: {error}"))
+            records.append(dict(record_base, batch_size="-", error=f"{type(error).__name__}: {error}"))
             write_json(path, meta, records)
             continue
         record_base.update(exits=source, non_embedding_params=model.num_parameters(exclude_embeddings=True))
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             batch = args.base_batch if setting == "max" and spec.name.startswith("vanilla") else \
                 max(1, math.floor(args.base_batch * vanilla_entries / kv_entries_per_token(model.config))) \
                 if setting == "max" else int(setting)
-            record = dict(record_base, setting=setting)
+            record = dict(record_base, batch_size=setting)  # the setting; 'batch' is the size
             try:
                 record.update(run_engine(model, lengths, batch, args))
             except Exception as error:
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             write_json(path, meta, records)
             print(json.dumps({k: v for k, v in record.items() if k != "depth_histogram"}), flush=True)
             if spec.name == "vanilla" and not args.no_hf and "error" not in record:
-                hf_record = dict(shape=spec.shape, model="hf-static", peer="vanilla", setting=setting)
+                hf_record = dict(shape=spec.shape, model="hf-static", peer="vanilla", batch_size=setting)
                 try:
                     hf_record.update(run_hf(model, lengths, batch, args))
                     hf_record["speedup"] = hf_record["tokens_per_s"] / record["tokens_per_s"]  # vs our vanilla

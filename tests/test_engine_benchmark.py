@@ -47,7 +47,7 @@ def test_quick_cpu_run_writes_every_model_and_the_baselines(tmp_path):
                           "--models", "vanilla,mor-3-share", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "decode_throughput.json").read_text())
     assert saved["results"] == json.loads(json.dumps(records))
-    by = {(r["model"], r["setting"]): r for r in records}
+    by = {(r["model"], r["batch_size"]): r for r in records}
     assert set(by) == {(m, s) for m in ("vanilla", "hf-static", "mor-3-share") for s in ("4", "max")}
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in records)
     assert by["vanilla", "4"]["speedup"] == 1.0 and by["vanilla", "4"]["tokens"] == sum(
