@@ -106,6 +106,8 @@ def test_bench_reading_skips_bad_records_and_normalises(tmp_path):
     points = load_bench([path], nll={"vanilla": 2.8})
     assert [(p.name, p.throughput, p.nll) for p in points] == [("vanilla", 1000.0, 2.8), ("mor-expert-3", 1500.0, 2.9)]
     assert points[0].group == "shape=smollm-135m, batch_size=16"
+    assert load_bench([path], nll={"smollm-135m/vanilla": 2.7, "vanilla": 2.8})[0].nll == 2.7
+    assert load_bench([path], nll={"smollm-360m/vanilla": 2.7})[0].nll is None
     relative = normalise(points, "vanilla")
     assert [p.throughput for p in relative] == [1.0, 1.5]
     with pytest.raises(ValueError, match="baseline 'llama'"):

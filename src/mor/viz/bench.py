@@ -37,7 +37,8 @@ def _first(record: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, Any] | N
 
 
 def load_bench(paths: list[str | Path], nll: dict[str, float] | None = None) -> list[BenchPoint]:
-    """Benchmark points of every file; ``nll`` gives (or overrides) the NLL of named models."""
+    """Benchmark points of every file; ``nll`` gives (or overrides) the NLL of named models, keyed ``NAME`` or,
+    for one shape only, ``SHAPE/NAME``."""
     nll = nll or {}
     points = []
     for path in paths:
@@ -55,7 +56,8 @@ def load_bench(paths: list[str | Path], nll: dict[str, float] | None = None) -> 
             if record.get("error") or name is None or speed is None:
                 skipped += 1
                 continue
-            value = nll.get(str(name[1]), (_first(record, NLL_KEYS) or (None, None))[1])
+            logged = (_first(record, NLL_KEYS) or (None, None))[1]
+            value = nll.get(f"{record.get('shape')}/{name[1]}", nll.get(str(name[1]), logged))
             group = ", ".join(f"{k}={record[k]}" for k in GROUP_KEYS if k in record)
             points.append(BenchPoint(str(name[1]), float(speed[1]), value, group, speed[0]))
         if skipped:
@@ -90,8 +92,9 @@ def plot_throughput_vs_nll(points: list[BenchPoint], path: str | Path) -> Path:
             members = [p for p in with_nll if p.group == group]
             ax.scatter([p.nll for p in members], [p.throughput for p in members], color=f"C{i % 10}", s=36,
                        label=group or None, zorder=3)
-            for p in members:
-                ax.annotate(p.name, (p.nll, p.throughput), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            for p in members:  # groups label on alternating sides, so equal points of two groups stay legible
+                ax.annotate(p.name, (p.nll, p.throughput), textcoords="offset points", fontsize=8,
+                            xytext=(5, 4) if i % 2 == 0 else (5, -11))
         ax.set_xlabel("NLL (nats / token)")
         ax.set_title("Throughput against NLL", fontsize=11)
         ax.margins(x=0.2, y=0.15)  # room for the labels
@@ -109,6 +112,8 @@ def plot_throughput_vs_nll(points: list[BenchPoint], path: str | Path) -> Path:
             ax.bar(xs, [speed[n] for n in names if n in speed], width, color=f"C{i % 10}", label=group or None)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title("Throughput", fontsize=11)
+    if points[0].unit.startswith("relative to"):
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
     ax.set_ylabel(f"throughput ({unit})")
     ax.grid(alpha=0.3)
     if any(groups):

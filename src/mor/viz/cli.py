@@ -75,7 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("files", nargs="+", type=Path, metavar="JSON")
     bench.add_argument("--out", type=Path, required=True, help="output folder")
     bench.add_argument("--nll", nargs="+", default=[], metavar="NAME=NLL",
-                       help="NLL of named models, for records without one (e.g. vanilla=2.78 mor-expert-3=2.79)")
+                       help="NLL of named models, for records without one (e.g. vanilla=2.78 mor-expert-3=2.79); "
+                            "SHAPE/NAME=NLL sets it for one shape only (smollm-360m/vanilla=2.78)")
     bench.add_argument("--baseline", help="express throughput relative to this model (the paper uses vanilla)")
     bench.set_defaults(func=run_bench)
 
@@ -141,6 +142,7 @@ def run_depth(args: argparse.Namespace) -> int:
 @_handler
 def run_stats(args: argparse.Namespace) -> int:
     from mor.viz.report import routing_modes, routing_stats_report
+    from mor.viz.trace import can_cap_depth
 
     for name in ("rows", "seq_len", "batch_size", "top"):
         value = getattr(args, name)
@@ -156,6 +158,8 @@ def run_stats(args: argparse.Namespace) -> int:
         return _fail(f"{args.data} holds fewer than {seq_len} tokens; give more text or a smaller --seq-len")
     if len(rows) < args.rows:
         print(f"{args.data} yields only {len(rows)} rows of {seq_len} tokens", file=sys.stderr)
+    if not args.no_scaling and not can_cap_depth(model.config):
+        print("depth scaling skipped: the model's depth cannot be capped (no cycle sharing)", file=sys.stderr)
     results = routing_stats_report(model, tokenizer, torch.tensor(rows), args.out,
                                    routing_modes(model, args.routing), top=args.top, batch_size=args.batch_size,
                                    scaling=not args.no_scaling)

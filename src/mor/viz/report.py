@@ -3,6 +3,7 @@ statistics over a corpus sample (tokens per depth, router metrics, depth scaling
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from mor.viz import depth_tokens
 from mor.viz.depth_text import DepthSection, depth_html, depth_png, token_label, token_pieces
 from mor.viz.metrics import routing_metrics
 from mor.viz.routing_plots import plot_depth_scaling, plot_load, plot_router_scores, plot_tokens_per_depth
-from mor.viz.trace import depth_scaling, trace
+from mor.viz.trace import can_cap_depth, depth_scaling, trace
 
 
 def routing_modes(model: MoRForCausalLM, requested: str = "both") -> list[str | None]:
@@ -84,7 +85,7 @@ def routing_stats_report(model: MoRForCausalLM, tokenizer: TextTokenizer, rows: 
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
     n = config.num_recursions
-    label = _labeler(tokenizer)
+    label = functools.lru_cache(maxsize=None)(functools.partial(token_label, tokenizer))
     results: dict[str, Any] = {"model": describe(model), "modes": {}}
     for routing in modes:
         name = _mode_name(routing)
@@ -112,7 +113,7 @@ def routing_stats_report(model: MoRForCausalLM, tokenizer: TextTokenizer, rows: 
                       "Token-choice load")
     (out_dir / "routing_metrics.json").write_text(json.dumps(results, indent=2) + "\n")
 
-    if scaling and config.sharing in ("cycle", "middle_cycle"):
+    if scaling and can_cap_depth(config):
         curves = {f"routing {_mode_name(r)}" if r else "NLL":
                   depth_scaling(model, rows, r, batch_size=batch_size, progress=progress) for r in modes}
         results["depth_scaling"] = curves
@@ -120,14 +121,3 @@ def routing_stats_report(model: MoRForCausalLM, tokenizer: TextTokenizer, rows: 
             {"max_recursions": list(range(1, n + 1)), "nll": curves}, indent=2) + "\n")
         plot_depth_scaling(curves, out_dir / "depth_scaling.png", "Test-time depth scaling")
     return results
-
-
-def _labeler(tokenizer: TextTokenizer):
-    cache: dict[int, str] = {}
-
-    def label(token_id: int) -> str:
-        if token_id not in cache:
-            cache[token_id] = token_label(tokenizer, token_id)
-        return cache[token_id]
-
-    return label

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +69,14 @@ def plot_router_scores(trace: RoutingTrace, path: str | Path, title: str) -> Pat
 def plot_load(load: list[float], max_violation: float, entropy: float, path: str | Path, title: str) -> Path:
     """Token-choice: fraction of tokens assigned each depth against the balanced share 1/Nr."""
     n = len(load)
-    fig = new_figure(1.2 + 0.8 * n, 3.0)
+    fig = new_figure(max(4.4, 1.2 + 0.8 * n), 3.0)
     ax = fig.subplots()
     ax.bar(range(1, n + 1), load, color=depth_colors(n)[1:])
     ax.axhline(1.0 / n, color="black", linestyle="--", linewidth=1, label="balanced")
     ax.set_xticks(range(1, n + 1))
     ax.set_xlabel("assigned depth")
     ax.set_ylabel("fraction of tokens")
-    ax.set_title(f"MaxVio {max_violation:.3f}, entropy {entropy:.3f}", fontsize=9)
+    ax.set_title(f"MaxVio {max_violation:.3f}, entropy {entropy:.3f} (max ln {n} = {math.log(n):.3f})", fontsize=9)
     ax.legend(fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     fig.suptitle(title, fontsize=11)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib.ticker import EngFormatter
 
 from mor.config import MoRConfig
 from mor.flops import forward_flops_per_token
@@ -137,6 +138,8 @@ def plot_loss_curves(runs: list[Run], path: str | Path) -> Path | None:
         axes[1, 0].set_ylabel("learning rate")
         axes[1, 0].grid(alpha=0.3)
     axes[-1, 0].set_xlabel(x_key)
+    if x_key == "tokens":
+        axes[-1, 0].xaxis.set_major_formatter(EngFormatter())  # 200k, 1.5M, 2G
     return save(fig, path)
 
 

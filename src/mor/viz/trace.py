@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mor.config import MoRConfig
 from mor.model import MoRForCausalLM
 
 
@@ -126,12 +127,17 @@ def _router_outputs(model: MoRForCausalLM) -> Iterator[_RouterOutputs]:
             handle.remove()
 
 
+def can_cap_depth(config: MoRConfig) -> bool:
+    """Whether ``max_recursions`` changes the model: its block recurs step by step (cycle sharing, Nr >= 2)."""
+    return config.sharing in ("cycle", "middle_cycle") and config.num_recursions >= 2
+
+
 def depth_scaling(model: MoRForCausalLM, rows: Tensor, routing: str | None = None, *, batch_size: int = 8,
                   progress: bool = False) -> list[float]:
     """Test-time depth scaling (paper Fig. 5c): the NLL of ``rows`` when inference may run at most
     1, 2, ..., Nr recursion steps (tokens routed deeper exit at the cap)."""
     config = model.config
-    if config.sharing not in ("cycle", "middle_cycle") or config.num_recursions < 2:
+    if not can_cap_depth(config):
         raise ValueError(f"depth scaling needs a model whose block recurs step by step (sharing 'cycle' or "
                          f"'middle_cycle', num_recursions >= 2); this one has sharing={config.sharing!r}, "
                          f"num_recursions={config.num_recursions}")
