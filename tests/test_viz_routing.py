@@ -13,10 +13,8 @@ pytest.importorskip("matplotlib")
 
 from mor import MoRConfig, MoRForCausalLM  # noqa: E402
 from mor.data import load_tokenizer, sample_tokenizer_path  # noqa: E402
-from mor.viz import depth_tokens  # noqa: E402
+from mor.viz import depth_tokens, metrics  # noqa: E402
 from mor.viz.depth_text import DepthSection, depth_html, depth_png, token_pieces  # noqa: E402
-from mor.viz.metrics import (dead_token_ratio, load_balance, router_entropy, routing_metrics,  # noqa: E402
-                             sampling_accuracy)
 from mor.viz.report import depth_text_report, routing_modes, routing_stats_report  # noqa: E402
 from mor.viz.trace import depth_scaling, trace  # noqa: E402
 
@@ -60,24 +58,24 @@ def test_dead_token_ratio_of_a_hand_made_batch():
     depths = torch.tensor([[3, 1, 2, 3, 1],
                            [1, 1, 3, 2, 1]])
     # Positions 0, 2 and 3 reach step 3 in some row; 1 and 4 never do.
-    assert dead_token_ratio(depths, last_step=3) == pytest.approx(2 / 5)
-    assert dead_token_ratio(depths, last_step=1) == 0.0
+    assert metrics.dead_token_ratio(depths, last_step=3) == pytest.approx(2 / 5)
+    assert metrics.dead_token_ratio(depths, last_step=1) == 0.0
 
 
 def test_sampling_accuracy_of_a_hand_made_step():
     scores = torch.tensor([[0.9, 0.2, math.nan, 0.6], [0.4, 0.5, 0.1, math.nan]])
     selected = torch.tensor([[True, False, True, False], [True, True, False, True]])
     # Entered: six tokens; agreement: yes, yes, no (0.6 >= 0.5 but not selected), no, yes (0.5 >= 0.5), yes.
-    assert sampling_accuracy(scores, selected, 0.5) == pytest.approx(4 / 6)
-    assert sampling_accuracy(scores, selected, 0.95) == pytest.approx(3 / 6)
+    assert metrics.sampling_accuracy(scores, selected, 0.5) == pytest.approx(4 / 6)
+    assert metrics.sampling_accuracy(scores, selected, 0.95) == pytest.approx(3 / 6)
 
 
 def test_load_balance_and_entropy_of_hand_made_assignments():
-    load, max_violation = load_balance(torch.tensor([[1, 1, 2, 3], [1, 1, 2, 3]]), num_recursions=3)
+    load, max_violation = metrics.load_balance(torch.tensor([[1, 1, 2, 3], [1, 1, 2, 3]]), num_recursions=3)
     assert load == pytest.approx([0.5, 0.25, 0.25])
     assert max_violation == pytest.approx((0.5 - 1 / 3) / (1 / 3))
-    assert router_entropy(torch.full((2, 4, 3), 1 / 3)) == pytest.approx(math.log(3))
-    assert router_entropy(torch.tensor([[1.0, 0.0], [1.0, 0.0]])) == pytest.approx(0.0)
+    assert metrics.router_entropy(torch.full((2, 4, 3), 1 / 3)) == pytest.approx(math.log(3))
+    assert metrics.router_entropy(torch.tensor([[1.0, 0.0], [1.0, 0.0]])) == pytest.approx(0.0)
 
 
 # ---------------------------------------------------------------------------------------------- traces
@@ -89,13 +87,13 @@ def test_expert_trace_metrics_equal_the_model_statistics(sampling):
         out = model(ids, routing="topk")
     result = trace(model, ids, "topk", batch_size=len(ids))
     torch.testing.assert_close(result.depths, out.depths)
-    metrics = routing_metrics(result, 3)
+    stats = metrics.routing_metrics(result, 3)
     for step in (1, 2, 3):
         for name in ("sampling_accuracy", "selected_fraction"):
             key = f"{name}/step{step}"
-            assert metrics[key] == pytest.approx(out.router_stats[key].item(), abs=1e-6), key
-    assert metrics["dead_token_ratio"] == pytest.approx(out.router_stats["dead_token_ratio"].item())
-    assert 0.0 < metrics["sampling_accuracy/step2"] < 1.0  # a random router disagrees with top-k sometimes
+            assert stats[key] == pytest.approx(out.router_stats[key].item(), abs=1e-6), key
+    assert stats["dead_token_ratio"] == pytest.approx(out.router_stats["dead_token_ratio"].item())
+    assert 0.0 < stats["sampling_accuracy/step2"] < 1.0  # a random router disagrees with top-k sometimes
 
 
 def test_causal_trace_places_each_score_at_its_token():
@@ -110,9 +108,9 @@ def test_causal_trace_places_each_score_at_its_token():
         assert torch.equal(~scores.isnan(), entered)
         assert entered.any() and (result.depths > step).any()
         assert torch.equal((scores >= result.threshold) & entered, result.depths > step)
-    metrics = routing_metrics(result, 3)
-    assert "sampling_accuracy/step2" not in metrics  # measured against top-k selections only
-    assert metrics["selected_fraction/step2"] == pytest.approx((result.depths >= 2).float().mean().item())
+    stats = metrics.routing_metrics(result, 3)
+    assert "sampling_accuracy/step2" not in stats  # measured against top-k selections only
+    assert stats["selected_fraction/step2"] == pytest.approx((result.depths >= 2).float().mean().item())
 
 
 def test_token_choice_trace_metrics_equal_the_model_statistics():
@@ -122,11 +120,11 @@ def test_token_choice_trace_metrics_equal_the_model_statistics():
         out = model(ids)
     result = trace(model, ids, None, batch_size=len(ids))
     assert result.probs is not None and result.probs.shape == (*ids.shape, 3)
-    metrics = routing_metrics(result, 3)
-    assert metrics["load"] == pytest.approx(out.router_stats["load"].tolist(), abs=1e-6)
-    assert metrics["max_violation"] == pytest.approx(out.router_stats["max_violation"].item(), abs=1e-5)
-    assert metrics["entropy"] == pytest.approx(out.router_stats["entropy"].item(), abs=1e-5)
-    assert "sampling_accuracy/step1" not in metrics
+    stats = metrics.routing_metrics(result, 3)
+    assert stats["load"] == pytest.approx(out.router_stats["load"].tolist(), abs=1e-6)
+    assert stats["max_violation"] == pytest.approx(out.router_stats["max_violation"].item(), abs=1e-5)
+    assert stats["entropy"] == pytest.approx(out.router_stats["entropy"].item(), abs=1e-5)
+    assert "sampling_accuracy/step1" not in stats
 
 
 @pytest.mark.parametrize("routing", ["topk", "causal"])
@@ -228,8 +226,8 @@ def test_routing_stats_report(router, tokenizer, tmp_path):
         assert all(sum(t["depth_counts"]) == t["count"] for t in tokens)
         assert (tmp_path / f"depth_by_token_{name}.png").stat().st_size > 0
         assert "| # | depth 1 |" in (tmp_path / f"depth_by_token_{name}.md").read_text()
-    metrics = json.loads((tmp_path / "routing_metrics.json").read_text())
-    assert metrics["modes"][names[0]]["rows"] == 3
+    saved = json.loads((tmp_path / "routing_metrics.json").read_text())
+    assert saved["modes"][names[0]]["rows"] == 3
     scaling = json.loads((tmp_path / "depth_scaling.json").read_text())
     assert scaling["max_recursions"] == [1, 2, 3]
     assert all(len(curve) == 3 for curve in scaling["nll"].values())

@@ -15,8 +15,8 @@ import argparse
 import functools
 import json
 import sys
-from itertools import islice
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 
 import torch
