@@ -34,6 +34,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -192,13 +193,13 @@ class Engine:
         self.cache = PagedKVCache.for_model(model, self.max_requests, self.max_seq_len, page_size, num_pages)
         self.idle = self.cache.idle
         stream = self.cache.stream
-        writes = [[inner.kv_position(p) == p for p in step] for step in steps]
-        self._writes = writes
-        self._write_stream = [[stream[p] if w else 0 for p, w in zip(step, row)] for step, row in zip(steps, writes)]
-        self._read_stream = [[stream[inner.kv_position(p)] for p in step] for step in steps]
-        self.writes = torch.tensor(writes, dtype=torch.bool, device=device)
-        self.write_stream = torch.tensor(self._write_stream, dtype=torch.long, device=device)
-        self.read_stream = torch.tensor(self._read_stream, dtype=torch.long, device=device)
+        # Per (step, block layer): whether the position stores keys/values, the stream it writes, the one it reads.
+        self._writes = np.array([[inner.kv_position(p) == p for p in step] for step in steps])
+        self._write_stream = np.array([[stream.get(p, 0) for p in step] for step in steps], dtype=np.int64)
+        self._read_stream = np.array([[stream[inner.kv_position(p)] for p in step] for step in steps], dtype=np.int64)
+        self.writes = torch.from_numpy(self._writes).to(device)
+        self.write_stream = torch.from_numpy(self._write_stream).to(device)
+        self.read_stream = torch.from_numpy(self._read_stream).to(device)
 
         rows, dim, dtype = self.max_requests + 1, cfg.hidden_size, model.lm_head.weight.dtype
         self.hidden = torch.zeros(rows, dim, dtype=dtype, device=device)
@@ -286,16 +287,14 @@ class Engine:
             self._enter(run, entering)
 
     def _enter(self, run: _Run, entering: list[tuple[_Request, int, int]]) -> None:
-        slots = self._make_room(run, [r.slot for r, _, _ in entering],
-                                lambda slots: [(self.cache.stream[p], s) for s in slots for p in self.prelude])
+        slots = self._make_room(run, [r.slot for r, _, _ in entering], lambda slots: self._pairs(self.prelude, slots))
         entering = [e for e in entering if e[0].slot in slots]
         if not entering:
             return
         device = self.hidden.device
         inputs = [torch.tensor(slots, device=device), torch.tensor([t for _, t, _ in entering], device=device),
                   torch.tensor([p for _, _, p in entering], device=device)]
-        cont = self._call("entry", self._entry_fn, inputs, lambda: [
-            self._pages([(self.cache.stream[p], s) for s in slots]) for p in self.prelude]).tolist()
+        cont = self._call("entry", self._entry_fn, inputs, lambda: self._widths(self.prelude, slots)).tolist()
         run.tokens_in += len(entering)
         for (request, _, _), go in zip(entering, cont):
             request.ran = 0
@@ -308,9 +307,11 @@ class Engine:
     def _block_step(self, run: _Run) -> None:
         batch = [run.in_block.popleft() for _ in range(min(self.slots, len(run.in_block)))]
 
-        def needs(slots: list[int]) -> list[tuple[int, int]]:
-            return [(self._write_stream[r][j], s) for s in slots for r in [run.active[s].step - 1]
-                    for j in range(len(self.block)) if self._writes[r][j]]
+        def needs(slots: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            rows = np.array([run.active[s].step - 1 for s in slots], dtype=np.int64)
+            writes = self._writes[rows]
+            requests = np.broadcast_to(np.asarray(slots, dtype=np.int64)[:, None], writes.shape)
+            return self._write_stream[rows][writes], requests[writes]
 
         batch = self._make_room(run, batch, needs)
         if not batch:
@@ -318,9 +319,8 @@ class Engine:
         device = self.hidden.device
         step_index = [run.active[s].step - 1 for s in batch]
         inputs = [torch.tensor(batch, device=device), torch.tensor(step_index, device=device)]
-        cont = self._call("block", self._block_fn, inputs, lambda: [
-            self._pages([(self._read_stream[r][j], s) for s, r in zip(batch, step_index)])
-            for j in range(len(self.block))]).tolist()
+        cont = self._call("block", self._block_fn, inputs,
+                          lambda: self._widths(self._read_stream[step_index], batch)).tolist()
         run.block_steps += 1
         run.block_tokens += len(batch)
         for slot, go in zip(batch, cont):
@@ -334,13 +334,11 @@ class Engine:
 
     def _tail(self, run: _Run) -> None:
         batch, run.exited = run.exited[: self.max_requests], run.exited[self.max_requests:]
-        batch = self._make_room(run, batch, lambda slots: [(self.cache.stream[p], s) for s in slots
-                                                           for p in self.coda])
+        batch = self._make_room(run, batch, lambda slots: self._pairs(self.coda, slots))
         if not batch:
             return
         inputs = [torch.tensor(batch, device=self.hidden.device)]
-        logits = self._call("tail", self._tail_fn, inputs, lambda: [
-            self._pages([(self.cache.stream[p], s) for s in batch]) for p in self.coda])
+        logits = self._call("tail", self._tail_fn, inputs, lambda: self._widths(self.coda, batch))
         tokens = sample(logits, run.params, run.generator).tolist()
         run.tail_steps += 1
         run.tail_tokens += len(batch)
@@ -366,15 +364,16 @@ class Engine:
             self._enter(run, entering)
 
     def _make_room(self, run: _Run, slots: list[int],
-                   needs: Callable[[list[int]], list[tuple[int, int]]]) -> list[int]:
-        """Reserve a page entry per (stream, slot) of ``needs(slots)``, preempting the youngest requests while
+                   needs: Callable[[list[int]], tuple[np.ndarray, np.ndarray]]) -> list[int]:
+        """Reserve one entry per (stream, slot) pair of ``needs(slots)``, preempting the youngest requests while
         the pool is short; returns the slots that are still active."""
         while True:
-            pairs = needs(slots)
-            streams, requests = [s for s, _ in pairs], [r for _, r in pairs]
-            if self.cache.pages_needed(streams, requests, [1] * len(pairs)) <= self.cache.free_pages:
-                self.cache.reserve(streams, requests, [1] * len(pairs))
+            streams, requests = needs(slots)
+            try:
+                self.cache.reserve(streams, requests, np.ones_like(streams))
                 return slots
+            except MemoryError:  # nothing was reserved
+                pass
             if len(run.active) <= 1:
                 raise MemoryError("the KV page pool cannot hold a single request; give the engine more pages")
             victim = max(run.active.values(), key=lambda r: r.order)
@@ -397,10 +396,20 @@ class Engine:
         self.cache.release(slot)
         self._free_slots.append(slot)
 
-    def _pages(self, pairs: list[tuple[int, int]]) -> int:
-        """Block-table width that covers every (stream, slot) of a batch."""
-        longest = max((self.cache.host_count(s, r) for s, r in pairs), default=1)
-        return max(1, math.ceil(longest / self.cache.page_size))
+    def _pairs(self, positions: tuple[int, ...], slots: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The (stream, slot) pairs of unique layer ``positions`` for every slot."""
+        streams = np.array([self.cache.stream[p] for p in positions], dtype=np.int64)
+        return np.tile(streams, len(slots)), np.repeat(np.asarray(slots, dtype=np.int64), len(streams))
+
+    def _widths(self, streams: tuple[int, ...] | np.ndarray, slots: list[int]) -> list[int]:
+        """Block-table width per layer covering every slot: ``streams`` holds unique layer positions, or the
+        stream each slot reads at each block layer [n, J]."""
+        if isinstance(streams, tuple):
+            streams = np.array([[self.cache.stream[p] for p in streams]] * len(slots), dtype=np.int64)
+        if streams.shape[1] == 0:
+            return []
+        longest = self.cache.host_counts(streams, np.asarray(slots)[:, None]).max(0)
+        return [max(1, -(-int(n) // self.cache.page_size)) for n in longest]
 
     # ------------------------------------------------------------------ computation (device)
     def _call(self, kind: str, fn: Callable[..., Tensor], inputs: list[Tensor],
@@ -542,7 +551,7 @@ class Engine:
         for r in results:
             histogram.update(r.depths)
         plan, cache = self.model.model.plan, self.cache
-        appended = {p: cache.appended[s] for p, s in cache.stream.items()}
+        appended = {p: int(cache.appended[s]) for p, s in cache.stream.items()}
         block = [p for step in self.steps for p in step]
         per_token = max(run.tokens_in, 1)
         entry_bytes = cache.keys[0, 0].nbytes * 2

@@ -27,6 +27,7 @@ import math
 from collections.abc import Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -162,12 +163,15 @@ class PagedKVCache:
         self.tables = torch.full((streams, requests, self.max_pages), self.trash, dtype=torch.long, device=device)
         self.counts = torch.zeros(streams, requests, dtype=torch.long, device=device)
         self.lengths = torch.zeros(requests, dtype=torch.long, device=device)  # tokens seen per request
-        # Host mirrors: entries and pages of every (stream, request).
-        self._counts = [[0] * requests for _ in range(streams)]
-        self._pages: list[list[list[int]]] = [[[] for _ in range(requests)] for _ in range(streams)]
-        self._free = list(range(num_pages - 1, -1, -1))
+        # Host mirrors (numpy, so a step's bookkeeping is a few array operations): entries and block tables of
+        # every (stream, request), and the free pages as a stack.
+        self._counts = np.zeros((streams, requests), dtype=np.int64)
+        self._num_pages = np.zeros((streams, requests), dtype=np.int64)
+        self._tables = np.zeros((streams, requests, self.max_pages), dtype=np.int64)
+        self._free = np.arange(num_pages - 1, -1, -1, dtype=np.int64)
+        self._num_free = num_pages
         self.peak_pages = 0
-        self.appended = [0] * streams  # entries ever appended per stream (for bytes-per-token accounting)
+        self.appended = np.zeros(streams, dtype=np.int64)  # entries ever appended per stream
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, max_requests: int, max_seq_len: int, page_size: int = 16,
@@ -186,43 +190,53 @@ class PagedKVCache:
     # ------------------------------------------------------------------ host side: pages
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        return self._num_free
+
+    def _new_pages(self, streams: np.ndarray, requests: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
+        total = self._counts[streams, requests] + counts
+        need = np.maximum(-(-total // self.page_size) - self._num_pages[streams, requests], 0)
+        return total, need
 
     def pages_needed(self, streams: Sequence[int], requests: Sequence[int], counts: Sequence[int]) -> int:
         """New pages that :meth:`reserve` would take for these appends."""
-        ps = self.page_size
-        return sum(max(0, math.ceil((self._counts[s][r] + n) / ps) - len(self._pages[s][r]))
-                   for s, r, n in zip(streams, requests, counts))
+        return int(self._new_pages(*map(np.asarray, (streams, requests, counts)))[1].sum())
 
     def reserve(self, streams: Sequence[int], requests: Sequence[int], counts: Sequence[int]) -> None:
-        """Make room for ``counts`` more entries in each (stream, request); raises MemoryError when the pool is
-        exhausted (nothing is reserved then)."""
-        if self.pages_needed(streams, requests, counts) > len(self._free):
-            raise MemoryError(f"the KV page pool is exhausted ({len(self._free)} free pages of {self.page_size} "
+        """Make room for ``counts`` more entries in each (stream, request) (distinct pairs); raises MemoryError
+        when the pool is exhausted and ValueError past ``max_seq_len`` (nothing is reserved then)."""
+        streams, requests, counts = (np.asarray(x, dtype=np.int64) for x in (streams, requests, counts))
+        total, need = self._new_pages(streams, requests, counts)
+        if total.size and total.max() > self.max_seq_len:
+            raise ValueError(f"a request would hold {total.max()} tokens but the cache holds at most "
+                             f"{self.max_seq_len} per request; raise max_seq_len")
+        taken = int(need.sum())
+        if taken > self._num_free:
+            raise MemoryError(f"the KV page pool is exhausted ({self._num_free} free pages of {self.page_size} "
                               "entries); give the cache more pages or admit fewer requests")
-        updates: list[tuple[int, int, int, int]] = []
-        for s, r, n in zip(streams, requests, counts):
-            total = self._counts[s][r] + n
-            if total > self.max_seq_len:
-                raise ValueError(f"request {r} would hold {total} tokens but the cache holds at most "
-                                 f"{self.max_seq_len} per request; raise max_seq_len")
-            pages = self._pages[s][r]
-            while len(pages) * self.page_size < total:
-                pages.append(self._free.pop())
-                updates.append((s, r, len(pages) - 1, pages[-1]))
-            self._counts[s][r] = total
-            self.appended[s] += n
-        if updates:
-            s, r, slot, page = torch.tensor(updates, device=self.tables.device).unbind(1)
-            self.tables[s, r, slot] = page
+        if taken:
+            pages = self._free[self._num_free - taken:self._num_free][::-1]
+            self._num_free -= taken
+            pair = np.repeat(np.arange(len(need)), need)
+            first = np.cumsum(need) - need  # where each pair's new pages start in ``pages``
+            column = self._num_pages[streams, requests][pair] + np.arange(taken) - first[pair]
+            s, r = streams[pair], requests[pair]
+            self._tables[s, r, column] = pages
+            device = self.tables.device
+            index = tuple(torch.from_numpy(x).to(device) for x in (s, r, column))
+            self.tables[index] = torch.from_numpy(pages.copy()).to(device)
+            self._num_pages[streams, requests] += need
+        self._counts[streams, requests] = total
+        np.add.at(self.appended, streams, counts)
         self.peak_pages = max(self.peak_pages, self.pages_in_use())
 
     def release(self, request: int) -> None:
         """Return every page of ``request`` to the pool and forget its tokens."""
         for s in range(len(self.stream)):
-            self._free.extend(reversed(self._pages[s][request]))
-            self._pages[s][request] = []
-            self._counts[s][request] = 0
+            pages = self._tables[s, request, : self._num_pages[s, request]][::-1]
+            self._free[self._num_free:self._num_free + len(pages)] = pages
+            self._num_free += len(pages)
+        self._num_pages[:, request] = 0
+        self._counts[:, request] = 0
         self.tables[:, request] = self.trash
         self.counts[:, request] = 0
         self.lengths[request] = 0
@@ -230,10 +244,11 @@ class PagedKVCache:
     def reset_accounting(self) -> None:
         """Restart the peak-page and appended-entry counters (e.g. for a new benchmark run)."""
         self.peak_pages = self.pages_in_use()
-        self.appended = [0] * len(self.appended)
+        self.appended[:] = 0
 
-    def host_count(self, stream: int, request: int) -> int:
-        return self._counts[stream][request]
+    def host_counts(self, streams: Sequence[int] | np.ndarray, requests: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Entries of each (stream, request), as the host knows them."""
+        return self._counts[np.asarray(streams), np.asarray(requests)]
 
     # ------------------------------------------------------------------ device side: entries
     def write(self, streams: Tensor, requests: Tensor, k: Tensor, v: Tensor, positions: Tensor, mask: Tensor,
@@ -265,11 +280,11 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ accounting
     def pages_in_use(self) -> int:
-        return self.keys.shape[0] - 1 - len(self._free)
+        return self.keys.shape[0] - 1 - self._num_free
 
     def entries(self) -> dict[int, int]:
         """Written entries per stream (summed over requests)."""
-        return {p: sum(self._counts[s]) for p, s in self.stream.items()}
+        return {p: int(self._counts[s].sum()) for p, s in self.stream.items()}
 
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes + self.token_positions.nbytes
@@ -316,7 +331,7 @@ class PagedView:
 
     def read(self, position: int) -> tuple[KV, TokenLayout]:
         cache, s = self.cache, self.cache.stream[position]
-        longest = max(cache.host_count(s, r) for r in self.requests)
+        longest = int(cache.host_counts([s] * len(self.requests), self.requests).max())
         num_pages = max(1, math.ceil(longest / cache.page_size))
         k, v, positions, valid = cache.read(torch.full_like(self.rows, s), self.rows, num_pages)
         return (k, v), TokenLayout(positions, valid)
