@@ -90,6 +90,14 @@ def test_engine_stops_at_eos_and_caps_depth_like_generate():
     assert max(capped.stats.depth_histogram) == 2
 
 
+@pytest.mark.parametrize("variant", ["expert", "token_share", "recursive_cycle"])
+def test_extra_recursions_in_the_engine_match_generate(variant):
+    model = make(variant)
+    out = Engine(model, max_batch_slots=3, max_seq_len=32, extra_recursions=2).generate(prompts(), NEW_TOKENS)
+    assert_matches_generate(model, out, prompts(), NEW_TOKENS, extra_recursions=2)
+    assert max(out.stats.depth_histogram) > model.config.num_recursions
+
+
 def test_sampling_in_the_engine_is_seeded():
     engine = Engine(make("token"), max_batch_slots=3, max_seq_len=32)
     runs = [engine.generate(prompts(), 8, do_sample=True, top_p=0.9, seed=seed) for seed in (1, 1, 2)]

@@ -155,12 +155,13 @@ class Engine:
     ``max_batch_slots``: tokens per block step (B); ``max_requests``: requests in flight (default B);
     ``max_seq_len``: prompt + generated tokens per request (default: the model's context); ``page_size``:
     entries per KV page; ``num_pages``: pool size (default: the worst case, which never preempts);
-    ``max_recursions``: cap the depth at inference.
+    ``max_recursions``: cap the depth at inference; ``extra_recursions``: apply the block more times after the
+    last trained step (test-time depth scaling, as ``generate``).
     """
 
     def __init__(self, model: nn.Module, max_batch_slots: int = 32, max_seq_len: int | None = None,
                  page_size: int = 16, max_requests: int | None = None, num_pages: int | None = None,
-                 max_recursions: int | None = None, cuda_graphs: bool = False,
+                 max_recursions: int | None = None, extra_recursions: int = 0, cuda_graphs: bool = False,
                  static_shapes: bool | None = None) -> None:
         cfg = model.config
         if cfg.random_router:
@@ -169,6 +170,10 @@ class Engine:
             raise ValueError(f"max_batch_slots must be at least 1, got {max_batch_slots}")
         if max_recursions is not None and max_recursions < 1:
             raise ValueError(f"max_recursions must be at least 1, got {max_recursions}")
+        if extra_recursions and (extra_recursions < 0 or max_recursions is not None
+                                 or cfg.sharing not in ("cycle", "middle_cycle")):
+            raise ValueError(f"extra_recursions={extra_recursions} needs a non-negative count, no max_recursions "
+                             f"and 'cycle' or 'middle_cycle' sharing (got {cfg.sharing!r})")
         device = model.lm_head.weight.device
         if cuda_graphs and device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
@@ -178,25 +183,28 @@ class Engine:
         self.max_requests = max_requests or max_batch_slots
         self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_recursions = max_recursions
+        self.extra_recursions = extra_recursions
         self.cuda_graphs = cuda_graphs
         self.static_shapes = cuda_graphs if static_shapes is None else static_shapes
 
         steps = inner.plan.steps
         if max_recursions is not None and cfg.sharing in ("cycle", "middle_cycle"):
             steps = steps[:max_recursions]
-        self.steps = steps
+        self.steps = steps + inner.extra_steps(extra_recursions)
         self.prelude, self.coda = inner.plan.prelude, inner.plan.coda
-        self.block = [inner.unrolled_layer(p) for p in steps[0]]
+        self.block = [inner.unrolled_layer(p) for p in self.steps[0]]
         # Depth reported per block pass: a sequence-shared block repeats each layer Nr times in one pass.
         self.depth_unit = 1 if cfg.sharing in ("none", "cycle", "middle_cycle") else cfg.num_recursions
 
-        self.cache = PagedKVCache.for_model(model, self.max_requests, self.max_seq_len, page_size, num_pages)
+        self.cache = PagedKVCache.for_model(model, self.max_requests, self.max_seq_len, page_size, num_pages,
+                                            extra_recursions)
         self.idle = self.cache.idle
         stream = self.cache.stream
         # Per (step, block layer): whether the position stores keys/values, the stream it writes, the one it reads.
-        self._writes = np.array([[inner.kv_position(p) == p for p in step] for step in steps])
-        self._write_stream = np.array([[stream.get(p, 0) for p in step] for step in steps], dtype=np.int64)
-        self._read_stream = np.array([[stream[inner.kv_position(p)] for p in step] for step in steps], dtype=np.int64)
+        self._writes = np.array([[inner.kv_position(p) == p for p in step] for step in self.steps])
+        self._write_stream = np.array([[stream.get(p, 0) for p in step] for step in self.steps], dtype=np.int64)
+        self._read_stream = np.array([[stream[inner.kv_position(p)] for p in step] for step in self.steps],
+                                     dtype=np.int64)
         self.writes = torch.from_numpy(self._writes).to(device)
         self.write_stream = torch.from_numpy(self._write_stream).to(device)
         self.read_stream = torch.from_numpy(self._read_stream).to(device)
@@ -279,7 +287,7 @@ class Engine:
             if len(sequence) > 1:
                 prefix = torch.tensor([sequence[:-1]], device=self.hidden.device)
                 self.model(prefix, routing="causal", cache=self.cache.view([request.slot]),
-                           max_recursions=self.max_recursions)
+                           max_recursions=self.max_recursions, extra_recursions=self.extra_recursions)
                 run.prefills += 1
                 run.tokens_in += len(sequence) - 1
             entering.append((request, sequence[-1], len(sequence) - 1))
@@ -489,7 +497,10 @@ class Engine:
         elif inner.token is not None:
             self.first[slots] = h
             depth, gate = inner.token.assign(h[None], None, RoutingResult())
-            self.target[slots] = depth[0].clamp(max=len(self.steps))
+            depth = depth[0].clamp(max=len(self.steps))
+            if self.extra_recursions:  # the deepest tokens go further, as in the model's forward
+                depth = depth.masked_fill(depth == self.model.config.num_recursions, len(self.steps))
+            self.target[slots] = depth
             self.gate[slots] = gate[0]
         return go
 
