@@ -434,6 +434,7 @@ class Engine:
             return fn(*padded, pages=self._full_pages(kind))[:n]
         return self._graph(kind, fn, bucket, len(inputs))(*padded)[:n]
 
+    @torch.no_grad()
     def capture_graphs(self) -> None:
         """Capture the CUDA graph of every stage and bucket now (otherwise each is captured on first use)."""
         stages = (("entry", self._entry_fn, 3), ("block", self._block_fn, 2), ("tail", self._tail_fn, 1))
