@@ -62,3 +62,19 @@ def test_two_processes_match_one(single, tmp_path, strategy):
                 assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (mine["step"], key)
         assert mine["tokens"] == theirs["tokens"]  # tokens count every rank
     assert sum("loss" in m for m in got) == 4 and sum("val/nll_topk" in m for m in got) == 2
+
+
+def test_fsdp_sees_the_output_tensors():
+    # FSDP2 hooks its backward on the output tensors found by tree_flatten in some torch versions (2.11); an
+    # opaque output dataclass left every sharded gradient empty on GPUs.
+    from torch.utils._pytree import tree_flatten
+
+    from mor import MoRConfig, MoRForCausalLM
+    from mor.train.distributed import _expose_output_tensors
+
+    _expose_output_tensors()
+    model = MoRForCausalLM(MoRConfig.from_preset("tiny", sharing="middle_cycle", num_recursions=2, router="expert"))
+    ids = torch.randint(0, 256, (2, 16))
+    out = model(ids, labels=ids)
+    leaves = tree_flatten(out)[0]
+    assert any(t is out.loss for t in leaves) and any(t is out.logits for t in leaves)

@@ -8,6 +8,7 @@ forward and backward, which is simple and correct for every sharing strategy (an
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from mor.model import MoROutput
 from mor.train.config import ConfigError, RunConfig
 
 
@@ -73,8 +75,17 @@ def wrap(model: nn.Module, strategy: str, env: DistEnv) -> nn.Module:
                                        **no_buffer_sync)
     from torch.distributed.fsdp import fully_shard
 
+    _expose_output_tensors()
     fully_shard(model)
     return model
+
+
+@functools.cache
+def _expose_output_tensors() -> None:
+    """Make MoROutput a pytree node. FSDP2 finds the output tensors to hook its backward (re-gather, then
+    reduce-scatter) with ``tree_flatten`` in some torch versions (2.11), which skips plain dataclasses: the
+    gradients would silently never reach the sharded parameters."""
+    torch.export.register_dataclass(MoROutput)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
