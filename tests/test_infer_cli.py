@@ -2,6 +2,7 @@ import re
 
 import pytest
 import torch
+from test_infer import single_thread  # noqa: F401 (an autouse fixture)
 
 from mor import MoRConfig, MoRForCausalLM
 from mor.cli import main
