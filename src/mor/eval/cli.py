@@ -11,10 +11,8 @@ from pathlib import Path
 
 import torch
 
-from mor.data import TextTokenizer, TokenShards
-from mor.data.prepare import INDEX_FILE
 from mor.eval.checkpoint import load_checkpoint
-from mor.eval.perplexity import evaluate_perplexity, shard_rows, text_rows
+from mor.eval.perplexity import evaluate_perplexity, source_rows
 from mor.eval.results import Metric, markdown_table, write_json
 from mor.eval.scoring import routing_modes
 from mor.eval.tasks import TASKS, default_data_dir, evaluate_task, load_docs, resolve_tasks
@@ -78,7 +76,7 @@ def run_eval(args: argparse.Namespace) -> int:
         tasks = resolve_tasks(args.tasks) if args.tasks else []
         model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.device, args.dtype)
         seq_len = args.seq_len or min(2048, model.config.max_position_embeddings)
-        rows = {source: list(islice(_perplexity_rows(source, tokenizer, seq_len, model.config.vocab_size),
+        rows = {source: list(islice(source_rows(source, tokenizer, seq_len, model.config.vocab_size),
                                     args.perplexity_rows)) for source in args.perplexity}
         docs = {task.name: load_docs(task, args.data_dir) for task in tasks}
     except (ValueError, FileNotFoundError) as error:
@@ -87,9 +85,9 @@ def run_eval(args: argparse.Namespace) -> int:
     modes = routing_modes(model, args.routing)
 
     metrics: list[Metric] = []
-    for source, source_rows in rows.items():
+    for source, packed in rows.items():
         for routing in modes:
-            result = evaluate_perplexity(model, source_rows, num_rows=None, batch_size=args.batch_size,
+            result = evaluate_perplexity(model, packed, num_rows=None, batch_size=args.batch_size,
                                          routing=routing, source=Path(source).name)
             metrics.extend(result.metrics())
     for task in tasks:
@@ -108,17 +106,6 @@ def run_eval(args: argparse.Namespace) -> int:
                    environment={"torch": torch.__version__, "python": platform.python_version()})
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
-
-
-def _perplexity_rows(source: str, tokenizer: TextTokenizer, seq_len: int, vocab_size: int) -> Iterator[list[int]]:
-    """Rows of a prepared token folder (its val split) or of a text file packed with the model's tokenizer."""
-    if (Path(source) / INDEX_FILE).is_file():
-        shards = TokenShards(source, split="val")
-        if shards.vocab_size > vocab_size:
-            raise ValueError(f"{source} was tokenized with {shards.vocab_size} tokens but the model's vocabulary "
-                             f"holds {vocab_size}; evaluate on shards made with the model's tokenizer")
-        return shard_rows(shards, seq_len)
-    return text_rows(tokenizer, source, seq_len)
 
 
 def run_harness(args: argparse.Namespace) -> int:

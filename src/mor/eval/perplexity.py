@@ -61,6 +61,19 @@ def shard_rows(shards: TokenShards, seq_len: int) -> Iterator[list[int]]:
         yield shards.read(start, seq_len).tolist()
 
 
+def source_rows(source: str | Path, tokenizer: TextTokenizer, seq_len: int, vocab_size: int) -> Iterator[list[int]]:
+    """Rows of a prepared token folder (its val split) or of a text source packed with the model's tokenizer."""
+    from mor.data.prepare import INDEX_FILE
+
+    if (Path(source) / INDEX_FILE).is_file():
+        shards = TokenShards(source, split="val")
+        if shards.vocab_size > vocab_size:
+            raise ValueError(f"{source} was tokenized with {shards.vocab_size} tokens but the model's vocabulary "
+                             f"holds {vocab_size}; use shards made with the model's tokenizer")
+        return shard_rows(shards, seq_len)
+    return text_rows(tokenizer, source, seq_len)
+
+
 def pack_rows(token_seqs: Iterable[Sequence[int]], seq_len: int) -> Iterator[list[int]]:
     """Concatenate token sequences and cut the stream into rows of exactly ``seq_len`` (the tail is dropped)."""
     if seq_len < 2:

@@ -141,6 +141,7 @@ def run_depth(args: argparse.Namespace) -> int:
 
 @_handler
 def run_stats(args: argparse.Namespace) -> int:
+    from mor.eval.perplexity import source_rows
     from mor.viz.report import routing_modes, routing_stats_report
     from mor.viz.trace import can_cap_depth
 
@@ -153,7 +154,7 @@ def run_stats(args: argparse.Namespace) -> int:
     if seq_len > model.config.max_position_embeddings:
         return _fail(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
                      f"{model.config.max_position_embeddings}")
-    rows = list(islice(_rows(args.data, tokenizer, seq_len, model.config.vocab_size), args.rows))
+    rows = list(islice(source_rows(args.data, tokenizer, seq_len, model.config.vocab_size), args.rows))
     if not rows:
         return _fail(f"{args.data} holds fewer than {seq_len} tokens; give more text or a smaller --seq-len")
     if len(rows) < args.rows:
@@ -166,21 +167,6 @@ def run_stats(args: argparse.Namespace) -> int:
     print(json.dumps(results, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
-
-
-def _rows(source: str, tokenizer, seq_len: int, vocab_size: int):
-    """Packed rows of a prepared folder (its val split) or of a text source, with the model's tokenizer."""
-    from mor.data import TokenShards
-    from mor.data.prepare import INDEX_FILE
-    from mor.eval.perplexity import shard_rows, text_rows
-
-    if (Path(source) / INDEX_FILE).is_file():
-        shards = TokenShards(source, split="val")
-        if shards.vocab_size > vocab_size:
-            raise ValueError(f"{source} was tokenized with {shards.vocab_size} tokens but the model's vocabulary "
-                             f"holds {vocab_size}; use shards made with the model's tokenizer")
-        return shard_rows(shards, seq_len)
-    return text_rows(tokenizer, source, seq_len)
 
 
 @_handler
