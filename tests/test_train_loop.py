@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,9 +133,35 @@ def test_run_directory_records_everything(finished):
             "router/sampling_accuracy/step2", "router/dead_token_ratio"} <= record.keys()
     assert "mfu" not in record  # unknown peak FLOP/s on CPU
     assert {"val/nll_topk", "val/nll_causal"} <= read_metrics(run_dir)[-1].keys()
-    # keep_last (3) and the step-1 checkpoint is a loadable model directory
+    # keep_last (3) and the step-1 checkpoint is a loadable model directory that carries its tokenizer
     model = MoRForCausalLM.from_pretrained(list_checkpoints(run_dir)[0])
     assert model.config.to_dict() == config.model_config().to_dict()
+    tokenizer = checkpoint / "tokenizer.json"
+    assert tokenizer.read_bytes() == (Path(config.data.path) / "tokenizer.json").read_bytes()
+
+
+def test_init_from_starts_from_a_saved_model(data, tmp_path):
+    source = MoRForCausalLM(tiny_config(data, tmp_path / "unused").model_config())
+    source.save_pretrained(tmp_path / "start")
+
+    def config_from(out: str, **model):
+        config = tiny_config(data, tmp_path / out, budget={"steps": 4})
+        config.model = model
+        config.validate()
+        return config
+
+    config = config_from("run", init_from=str(tmp_path / "start"), aux_loss_coeff=0.01)
+    assert config.model_config() == source.config.replace(aux_loss_coeff=0.01)
+    trainer = Trainer(config)
+    for name, value in source.state_dict().items():
+        torch.testing.assert_close(trainer.module.state_dict()[name], value, rtol=0, atol=0)
+    trainer.close()
+    with pytest.raises(ConfigError, match="init_from"):
+        config_from("run2", init_from=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="preset or init_from"):
+        config_from("run3", init_from=str(tmp_path / "start"), preset="tiny")
+    with pytest.raises(ConfigError, match="init_from"):  # an override that changes weight shapes
+        Trainer(config_from("run4", init_from=str(tmp_path / "start"), intermediate_size=64))
 
 
 def test_truncated_checkpoint_is_refused(finished):

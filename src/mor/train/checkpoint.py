@@ -71,8 +71,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 # ------------------------------------------------------------------------------------------------- saving
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     model_config: MoRConfig, trainer_state: dict[str, Any], rank_state: dict[str, Any],
-                    keep_last: int) -> Path:
-    """Write a checkpoint (collective: every rank calls it) and keep only the newest ``keep_last``."""
+                    keep_last: int, tokenizer: Path | None = None) -> Path:
+    """Write a checkpoint (collective: every rank calls it) and keep only the newest ``keep_last``.
+
+    ``tokenizer`` (the prepared data's tokenizer.json) is copied along, so the checkpoint folder is all that
+    ``mor eval``, ``mor generate`` and ``mor viz`` need."""
     model_state = get_model_state_dict(model, options=_FULL)
     optim_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
     rank_states = _gather(_plain(rank_state))
@@ -86,6 +89,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
         model_config.save(tmp / CONFIG_FILE)
         torch.save({**_plain(trainer_state), "optimizer": optim_state, "rank_states": rank_states},
                    tmp / TRAINER_FILE)
+        if tokenizer is not None and tokenizer.is_file():
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         files = {name: _describe_file(tmp / name) for name in (MODEL_FILE, CONFIG_FILE, TRAINER_FILE)}
         (tmp / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
         if target.exists():  # re-saving the same step (e.g. a stop signal right after a periodic save)

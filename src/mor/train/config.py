@@ -101,13 +101,26 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def model_config(self) -> MoRConfig:
-        """The MoRConfig described by the ``model`` section (a preset plus overrides, or every field)."""
+        """The MoRConfig described by the ``model`` section: a preset plus overrides, every field, or
+        ``init_from`` (a ``save_pretrained`` folder whose config.json and weights the run starts from) plus
+        overrides that keep the weights' shapes."""
         fields = dict(self.model)
         preset = fields.pop("preset", None)
+        init_from = fields.pop("init_from", None)
         try:
+            if init_from is not None:
+                if preset is not None:
+                    raise ConfigError("model: give either preset or init_from, not both")
+                config_path = Path(init_from) / "config.json"
+                if not config_path.is_file():
+                    raise ConfigError(f"model.init_from: {config_path} not found; point it to a folder written by "
+                                      "save_pretrained or `mor convert`")
+                return MoRConfig.load(config_path).replace(**fields)
             if preset is None:
                 return MoRConfig(**fields)
             return MoRConfig.from_preset(preset, **fields)
+        except ConfigError:
+            raise
         except (TypeError, ValueError) as error:
             raise ConfigError(f"model: {error}") from None
 
@@ -230,10 +243,14 @@ def _model_section(section: dict[str, Any]) -> dict[str, Any]:
             if value not in PRESETS:
                 raise ConfigError(f"model.preset: unknown preset {value!r}; available: {', '.join(PRESETS)}")
             result[key] = value
+        elif key == "init_from":
+            if not isinstance(value, str):
+                raise ConfigError(f"model.init_from: expected a folder path, got {value!r}")
+            result[key] = value
         elif key in hints:
             result[key] = _coerce(value, hints[key], f"model.{key}")
         else:
-            raise ConfigError(f"model.{key}: unknown key; expected 'preset' or a MoRConfig field "
+            raise ConfigError(f"model.{key}: unknown key; expected 'preset', 'init_from' or a MoRConfig field "
                               f"({', '.join(f.name for f in dataclasses.fields(MoRConfig))})")
     return result
 

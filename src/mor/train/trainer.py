@@ -77,7 +77,11 @@ class Trainer:
                               f"set model.vocab_size to at least {self.train_shards.vocab_size}")
 
         _seed_everything(config.run.seed)  # identical initial weights on every rank (FSDP does not broadcast)
-        model = MoRForCausalLM(self.model_config).to(self.env.device)
+        model = MoRForCausalLM(self.model_config)
+        init_from = config.model.get("init_from")
+        if init_from is not None and resume_from is None:
+            _load_initial_weights(model, init_from)
+        model.to(self.env.device)
         if config.run.compile:
             model.compile()
         self.model = distributed.wrap(model, config.run.strategy, self.env)
@@ -289,7 +293,8 @@ class Trainer:
                          "tokens_per_step": self.budget.tokens_per_step, "config": self.config.to_dict()}
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state()}
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.model_config,
-                               trainer_state, rank_state, self.config.run.keep_last)
+                               trainer_state, rank_state, self.config.run.keep_last,
+                               tokenizer=Path(self.config.data.path) / "tokenizer.json")
 
     @contextlib.contextmanager
     def _stop_signals(self):
@@ -329,6 +334,15 @@ def _autocast(dtype: str, device: torch.device) -> contextlib.AbstractContextMan
     if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _load_initial_weights(model: MoRForCausalLM, directory: str | Path) -> None:
+    """Start from the weights of a ``save_pretrained`` folder (e.g. a converted Llama checkpoint)."""
+    try:
+        source = MoRForCausalLM.from_pretrained(directory)
+        model.load_state_dict(source.state_dict())
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        raise ConfigError(f"model.init_from: cannot start from {directory}: {error}") from None
 
 
 def _seed_everything(seed: int) -> None:
