@@ -5,6 +5,7 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)  # the tests run tiny models: a second thread only adds overhead
 
 
 def shared_data_dir() -> Path:
@@ -15,5 +16,4 @@ def shared_data_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     yield

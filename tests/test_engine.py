@@ -1,6 +1,6 @@
 import pytest
 import torch
-from test_infer import make, single_thread, tokens  # noqa: F401 (single_thread: an autouse fixture)
+from test_infer import make, tokens
 
 from mor.infer.engine import Engine
 

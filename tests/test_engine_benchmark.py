@@ -5,7 +5,6 @@ import sys
 import pytest
 import torch
 from conftest import REPO_ROOT
-from test_infer import single_thread  # noqa: F401 (an autouse fixture)
 
 from mor import MoRConfig, MoRForCausalLM
 

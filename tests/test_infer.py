@@ -27,15 +27,6 @@ VARIANTS = {
 ROUTED_VARIANTS = [name for name in VARIANTS if "expert" in name or "token" in name]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Decoding runs many tiny operations, which a second thread only slows down (often tenfold)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(variant: str, seed: int = 0, **overrides) -> MoRForCausalLM:
     """A tiny model whose expert routers are decisive, so that tokens really exit at different depths."""
     torch.manual_seed(seed)

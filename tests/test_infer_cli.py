@@ -2,7 +2,6 @@ import re
 
 import pytest
 import torch
-from test_infer import single_thread  # noqa: F401 (an autouse fixture)
 
 from mor import MoRConfig, MoRForCausalLM
 from mor.cli import main

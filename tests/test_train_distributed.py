@@ -39,12 +39,7 @@ def _worker(rank: int, world_size: int, port: int, data, out_dir, strategy: str)
 def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     data = make_dataset(root)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(tiny_config(data, root / "run", **SECTIONS))
-    finally:
-        torch.set_num_threads(threads)
+    train(tiny_config(data, root / "run", **SECTIONS))
     return data, read_metrics(root / "run")
 
 

@@ -18,14 +18,6 @@ from mor.train.run_log import read_metrics
 CURVE_KEYS = ("step", "tokens", "loss", "lm_loss", "grad_norm", "lr")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("train-data"))

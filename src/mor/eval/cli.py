@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
