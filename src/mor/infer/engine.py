@@ -510,13 +510,12 @@ class Engine:
         expert = self.model.model.expert
         cfg = self.model.config
         pick = router[:, None]
-        logits = torch.stack([expert.logits(r, h) for r in range(cfg.num_recursions)], -1).gather(1, pick)[:, 0]
+        steps = range(cfg.num_recursions)
+        logits = torch.stack([expert.logits(r, h) for r in steps], -1).gather(1, pick)[:, 0]
+        aux = None
         if expert.aux_routers:
-            decision = torch.stack([a(h / cfg.router_temperature)[:, 0] for a in expert.aux_routers], -1)
-            decision = decision.gather(1, pick)[:, 0]
-        else:
-            decision = logits - math.log(cfg.causal_threshold / (1 - cfg.causal_threshold))
-        go = self.full_capacity[router] | (decision >= 0)
+            aux = torch.stack([expert.aux_logits(r, h) for r in steps], -1).gather(1, pick)[:, 0]
+        go = self.full_capacity[router] | expert.continues(logits, aux)
         return go, expert.gate(logits)
 
     def _block_fn(self, slots: Tensor, step_index: Tensor, pages: list[int]) -> Tensor:

@@ -109,6 +109,17 @@ class ExpertChoice(nn.Module):
             return torch.logit(torch.rand(hidden.shape[:2], device=hidden.device), eps=1e-6)
         return self.routers[step](hidden / self.config.router_temperature).squeeze(-1)
 
+    def aux_logits(self, step: int, hidden: Tensor) -> Tensor:
+        """Logits of the auxiliary router of ``step``; it reads detached states and trains only itself."""
+        return self.aux_routers[step](hidden.detach() / self.config.router_temperature).squeeze(-1)
+
+    def continues(self, logits: Tensor, aux_logits: Tensor | None) -> Tensor:
+        """The causal rule (MOR_SPEC 4.10): a token goes on iff ``sigmoid(logit) >= causal_threshold``, or,
+        with an auxiliary router, iff that router's logit is >= 0. It looks at no other token."""
+        if aux_logits is not None:
+            return aux_logits >= 0
+        return logits >= _logit(self.config.causal_threshold)
+
     def select(
         self,
         step: int,
@@ -123,11 +134,8 @@ class ExpertChoice(nn.Module):
         """Choose, among the ``candidates`` [B, N] (active token indices, their hidden states ``hidden``
         [B, N, d]), the tokens that run step ``step`` (0-based). ``k = floor(capacity * L)`` uses the full
         row length L (``seq_len``, or the real tokens of each row, ``row_lengths``, when there is padding)."""
-        cfg = self.config
         logits = self.logits(step, hidden)
-        aux_logits = None
-        if self.aux_routers:
-            aux_logits = self.aux_routers[step](hidden.detach() / cfg.router_temperature).squeeze(-1)
+        aux_logits = self.aux_logits(step, hidden) if self.aux_routers else None
         num = candidates.shape[1]
         capacity = self.capacity(step)
 
@@ -148,8 +156,7 @@ class ExpertChoice(nn.Module):
                 keep = torch.zeros_like(candidates_valid).scatter(1, top, top_valid)
                 chosen, chosen_valid = pack(keep)
         else:  # causal: a per-token decision that never looks at other tokens
-            decision = aux_logits if aux_logits is not None else logits - _logit(cfg.causal_threshold)
-            keep = decision >= 0
+            keep = self.continues(logits, aux_logits)
             if candidates_valid is not None:
                 keep = keep & candidates_valid
             chosen, chosen_valid = pack(keep)
@@ -172,7 +179,7 @@ class ExpertChoice(nn.Module):
     ) -> None:
         cfg = self.config
         target = selected.float()
-        if not cfg.random_router:
+        if self.training and not cfg.random_router:  # auxiliary losses only train; eval forwards skip them
             if cfg.expert_sampling == "aux_loss" and cfg.aux_loss_coeff > 0:
                 bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
                 _accumulate(result.losses, "router_bce", cfg.aux_loss_coeff * _masked_mean(bce, valid))
@@ -182,8 +189,7 @@ class ExpertChoice(nn.Module):
             if cfg.z_loss_coeff > 0:
                 _accumulate(result.losses, "router_z", cfg.z_loss_coeff * _masked_mean(logits.pow(2), valid))
         with torch.no_grad():
-            decision = aux_logits if aux_logits is not None else logits - _logit(cfg.causal_threshold)
-            agree = ((decision >= 0) == selected).float()
+            agree = (self.continues(logits, aux_logits) == selected).float()
             result.stats[f"sampling_accuracy/step{step + 1}"] = _masked_mean(agree, valid)
             result.stats[f"selected_fraction/step{step + 1}"] = _masked_mean(selected.float(), valid)
 
@@ -240,10 +246,10 @@ class TokenChoice(nn.Module):
         total = weights.sum().clamp(min=1)
         counts = (F.one_hot(choice, n).to(probs.dtype) * weights[..., None]).sum((0, 1))
         mean_probs = (probs * weights[..., None]).sum((0, 1)) / total
-        if cfg.balancing == "loss" and cfg.balancing_coeff > 0:
+        if self.training and cfg.balancing == "loss" and cfg.balancing_coeff > 0:
             # L_bal = sum_i f_i P_i, f_i = (Nr / T) * #tokens assigned to depth i, P_i = mean probability.
             result.losses["balancing"] = cfg.balancing_coeff * (n * counts.detach() / total * mean_probs).sum()
-        if cfg.z_loss_coeff > 0:
+        if self.training and cfg.z_loss_coeff > 0:
             z = torch.logsumexp(logits, dim=-1).pow(2)
             result.losses["router_z"] = cfg.z_loss_coeff * (z * weights).sum() / total
         if self.training and cfg.balancing == "loss_free":
