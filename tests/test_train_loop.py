@@ -87,6 +87,47 @@ def test_resume_after_crash_reproduces_the_run_exactly(data, tmp_path, monkeypat
     assert all(torch.equal(final[name], expected[name]) for name in expected)
 
 
+def _crash_at(monkeypatch, step_number: int) -> None:
+    step = Trainer._train_step
+
+    def crash(self, batch):
+        if self.step == step_number:
+            raise RuntimeError("simulated crash")
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", crash)
+
+
+def test_resume_takes_hyper_parameters_from_the_config(data, tmp_path, monkeypatch):
+    # The divergence hint says: lower optim.lr, then resume. The new lr must be the one used.
+    sections = dict(budget={"steps": 6}, run={"save_every": 2}, schedule={"kind": "cosine", "warmup": 1})
+    _crash_at(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_config(data, tmp_path, optim={"lr": 3e-3}, **sections))
+    monkeypatch.undo()
+    lower = tiny_config(data, tmp_path, optim={"lr": 1e-3, "weight_decay": 0.02}, **sections)
+    trainer = Trainer(lower, resume="latest")
+    multiplier = trainer.scheduler.lr_lambdas[0]
+    assert trainer.scheduler.base_lrs[0] == pytest.approx(1e-3)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * multiplier(2))
+    assert max(g["weight_decay"] for g in trainer.optimizer.param_groups) == pytest.approx(0.02)
+    trainer.train()
+    trainer.close()
+    logged = {m["step"]: m["lr"] for m in read_metrics(tmp_path) if "lr" in m}
+    assert logged[6] == pytest.approx(1e-3 * multiplier(5))
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_abandoned_branch_aside(data, tmp_path, monkeypatch):
+    config = tiny_config(data, tmp_path, budget={"steps": 6}, run={"save_every": 2, "keep_last": 2})
+    train(config)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004", "step_00000006"]
+    _crash_at(monkeypatch, 5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, resume=tmp_path / "checkpoints" / "step_00000004")
+    assert latest_checkpoint(tmp_path).name == "step_00000004"  # not the abandoned step 6
+    assert (tmp_path / "checkpoints" / "abandoned" / "step_00000006").is_dir()
+
+
 def test_nan_loss_stops_the_run_with_step_checkpoint_and_hint(data, tmp_path):
     trainer = Trainer(tiny_config(data, tmp_path, run={"save_every": 2}))
     forward = trainer.model.forward

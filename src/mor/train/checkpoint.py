@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from mor.config import MoRConfig
+from mor.train.distributed import unwrap
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -66,6 +67,21 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def set_aside_later_checkpoints(run_dir: str | Path, step: int) -> list[Path]:
+    """Resuming from an earlier checkpoint starts a new branch: move the later checkpoints of the abandoned one
+    to ``checkpoints/abandoned/`` so that rotation and ``--resume`` never pick them (nothing is deleted)."""
+    moved = []
+    for path in list_checkpoints(run_dir):
+        if int(path.name.removeprefix("step_")) > step:
+            target = Path(run_dir) / CHECKPOINTS / "abandoned" / path.name
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 # ------------------------------------------------------------------------------------------------- saving
@@ -140,8 +156,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise CheckpointError(f"{path} could not be read ({error}); it is corrupt: resume from an earlier "
                               "checkpoint") from None
     model_state = {**tensors, **{name: tensors[source] for name, source in aliases.items()}}
-    expected = get_model_state_dict(model, options=_FULL)
-    _check_tensors(path, model_state, expected)
+    # Names and full shapes from the module itself: the gathered full state dict exists on rank 0 only.
+    _check_tensors(path, model_state, unwrap(model).state_dict())
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
     try:
         set_optimizer_state_dict(model, optimizer, state.pop("optimizer"),

@@ -28,7 +28,7 @@ from mor.flops import training_flops_per_token
 from mor.train import distributed
 from mor.train.budget import Budget, resolve_budget
 from mor.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                  rng_state, save_checkpoint, set_rng_state)
+                                  rng_state, save_checkpoint, set_aside_later_checkpoints, set_rng_state)
 from mor.train.config import ConfigError, TrainConfig
 from mor.train.optim import build_optimizer, clip_gradients
 from mor.train.run_log import METRICS_FILE, RunLog, peak_flops, peak_memory_gib
@@ -121,11 +121,21 @@ class Trainer:
         return path  # a checkpoint directory, verified when loaded
 
     def _restore(self, path: Path) -> None:
+        # The config's hyper-parameters win over the checkpoint's (e.g. a lower optim.lr after a divergence):
+        # the checkpoint supplies the optimizer moments and the position in the schedule, nothing else.
+        configured = [{k: g[k] for k in ("initial_lr", "weight_decay", "betas", "eps")}
+                      for g in self.optimizer.param_groups]
         state, rank_state = load_checkpoint(path, self.model, self.optimizer, self.model_config)
         if state["tokens_per_step"] != self.budget.tokens_per_step:
             raise CheckpointError(f"{path} was trained with {state['tokens_per_step']} tokens per step, this config "
                                   f"has {self.budget.tokens_per_step}; keep batch and data.seq_len of the run")
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.base_lrs = [group["initial_lr"] for group in configured]
+        for group, values, multiplier in zip(self.optimizer.param_groups, configured, self.scheduler.lr_lambdas):
+            group.update(values)
+            group["lr"] = values["initial_lr"] * multiplier(self.scheduler.last_epoch)
+        if self.env.is_main:
+            set_aside_later_checkpoints(self.run_dir, state["step"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.loader.load_state_dict(rank_state["data"])
         set_rng_state(rank_state["rng"])
