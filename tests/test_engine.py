@@ -48,8 +48,18 @@ def test_short_page_pool_preempts_and_recomputes_without_changing_tokens():
     assert out.stats.preemptions > 0
     assert_matches_generate(model, out, prompts(lengths), new_tokens)
     assert engine.cache.pages_in_use() == 0
-    with pytest.raises(MemoryError, match="more pages"):
-        Engine(model, max_batch_slots=2, max_seq_len=24, page_size=2, num_pages=4).generate(prompts((7,)), 4)
+    with pytest.raises(MemoryError, match="more pages"):  # fits the up-front bound, not the pool once routed
+        Engine(model, max_batch_slots=2, max_seq_len=24, page_size=2, num_pages=31).generate(prompts((7,)), 12)
+
+
+def test_a_request_that_can_never_fit_is_refused_before_anything_runs():
+    # Vanilla writes every stream: 5 streams x ceil((9 + 20) / 4) pages = 40 > 15. The short request that
+    # would finish first must not be computed and lost.
+    model = make("vanilla")
+    engine = Engine(model, max_batch_slots=2, max_seq_len=32, page_size=4, num_pages=15)
+    with pytest.raises(ValueError, match="prompt 0: 9 prompt \\+ 20 new tokens need at least 40 KV pages"):
+        engine.generate([list(range(1, 10)), [3, 4]], [20, 2])
+    assert engine.cache.pages_in_use() == 0
 
 
 def test_more_requests_in_flight_than_block_slots():

@@ -90,6 +90,14 @@ def test_encode_pair_moves_trailing_whitespace_into_the_continuation(tmp_path):
     assert encode_pair(tokenizer, "", "the sea", prefix_id=0) == (
         [0], tokenizer.encode("the sea", add_special_tokens=False).ids)
     assert encode_pair(word_tokenizer(), "w1 w2 ", "w3", prefix_id=0) == ([1, 2], [3])
+    # A whitespace-only context conditions on end-of-text and keeps its whitespace in the continuation.
+    assert encode_pair(tokenizer, " ", "the sea", prefix_id=0) == (
+        [0], tokenizer.encode(" the sea", add_special_tokens=False).ids)
+
+
+def test_an_empty_context_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="context is empty"):
+        loglikelihoods(tiny_model("vanilla"), [([], [7]), ([1, 2, 3], [4])], max_length=32, progress=False)
 
 
 def test_routing_modes():

@@ -57,6 +57,8 @@ class MoRLM(TemplateLM):
         else:
             self.model, text_tokenizer = load_checkpoint(pretrained, tokenizer, device, dtype)
             self._tokenizer = text_tokenizer.backend
+        if routing is None and self.model.config.router != "none":
+            routing = self.model.config.routing_mode_eval  # scoring and generation follow the same mode
         self.routing = routing
         self._device = model_device(self.model)
         self._max_length = int(max_length or self.model.config.max_position_embeddings)

@@ -29,8 +29,8 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str, prefix_id
     ``"Answer:" + " yes"``, which is how BPE tokenizes running text); the pair is encoded as one string and
     split after the context's tokens. An empty context becomes the single token ``prefix_id`` (end-of-text).
     """
-    if not context:
-        return [prefix_id], tokenizer.encode(continuation, add_special_tokens=False).ids
+    if not context.strip():  # nothing (or only whitespace) to condition on
+        return [prefix_id], tokenizer.encode(context + continuation, add_special_tokens=False).ids
     stripped = context.rstrip()
     continuation = context[len(stripped):] + continuation
     whole = tokenizer.encode(stripped + continuation, add_special_tokens=False).ids
@@ -67,7 +67,10 @@ def loglikelihoods(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    for index, (_, continuation) in enumerate(requests):
+    for index, (context, continuation) in enumerate(requests):
+        if not context:
+            raise ValueError(f"request {index}: the context is empty; start it with a token such as end-of-text "
+                             "(encode_pair does this)")
         if not 0 < len(continuation) <= max_length:
             raise ValueError(f"request {index}: the continuation has {len(continuation)} tokens; it needs "
                              f"between 1 and max_length={max_length}")

@@ -47,7 +47,8 @@ class Task:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("lambada", "lambada_openai.jsonl", "lambada", primary="acc"),
     Task("hellaswag", "hellaswag.jsonl.gz", "choice"),
-    Task("piqa", "piqa.jsonl", "choice", delimiter="\nAnswer: "),
+    # PIQA queries end in a newline already: "Question: ...\nAnswer: <solution>", lm-eval's prompt (the paper's).
+    Task("piqa", "piqa.jsonl", "choice", delimiter="Answer: "),
     Task("winogrande", "winogrande.jsonl", "partial", primary="acc"),
     Task("arc_easy", "arc_easy.jsonl", "choice", delimiter="\nAnswer: "),
     Task("arc_challenge", "arc_challenge.jsonl", "choice", delimiter="\nAnswer: "),

@@ -237,10 +237,17 @@ class Engine:
         if len(counts) != len(prompts):
             raise ValueError(f"max_new_tokens has {len(counts)} entries for {len(prompts)} prompts")
         vocab = self.model.config.vocab_size
+        pool = self.cache.trash  # pages in the pool (the extra trash page is not one of them)
+        streams = self._streams_every_token_writes()
         for i, (prompt, count) in enumerate(zip(prompts, counts)):
             check_prompts([len(prompt)], count, self.max_seq_len, first=i)
             if any(not 0 <= t < vocab for t in prompt):
                 raise ValueError(f"prompt {i}: token ids must lie in [0, {vocab})")
+            # Refuse up front what can never fit, rather than failing mid-run and losing finished results.
+            needed = streams * math.ceil((len(prompt) + count) / self.cache.page_size)
+            if needed > pool:
+                raise ValueError(f"prompt {i}: {len(prompt)} prompt + {count} new tokens need at least {needed} KV "
+                                 f"pages but the pool holds {pool}; give the engine more pages")
         eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
         device = self.hidden.device
         run = _Run(params, eos, None if seed is None else torch.Generator(device).manual_seed(seed),
@@ -504,6 +511,17 @@ class Engine:
             self.target[slots] = depth
             self.gate[slots] = gate[0]
         return go
+
+    def _streams_every_token_writes(self) -> int:
+        """KV streams that every token writes whatever the router decides: all of them without a router; the
+        unique first and last layers and the first step (taken by every token) with one."""
+        cfg, plan = self.model.config, self.model.model.plan
+        if cfg.router == "none":
+            return len(self.cache.stream)
+        always = set(plan.prelude) | set(plan.coda)
+        if cfg.router == "token" or cfg.step_capacities[0] >= 1.0:
+            always |= set(plan.steps[0])
+        return sum(1 for position in self.cache.stream if position in always)
 
     def _expert_decision(self, h: Tensor, router: Tensor) -> tuple[Tensor, Tensor]:
         """Causal decision of router index ``router`` [n] per token (MOR_SPEC 4.10) and the gate it gives."""
