@@ -148,6 +148,17 @@ def test_nan_loss_stops_the_run_with_step_checkpoint_and_hint(data, tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
 
 
+def test_non_finite_gradients_stop_the_run_before_the_update(data, tmp_path):
+    trainer = Trainer(tiny_config(data, tmp_path, run={"save_every": 2}))
+    embedding = trainer.module.model.embed_tokens.weight
+    hook = embedding.register_hook(lambda grad: grad * float("inf") if trainer.step == 3 else grad)
+    with pytest.raises(TrainingDiverged, match="gradient norm is (inf|nan) at step 4"):
+        trainer.train()
+    hook.remove()
+    assert trainer.step == 3
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
 @pytest.fixture
 def finished(data, tmp_path):
     config = tiny_config(data, tmp_path / "run", budget={"steps": 2}, run={"save_every": 1})

@@ -234,16 +234,12 @@ class Trainer:
         metrics: dict[str, Any] = {n if n in ("loss", "lm_loss") else f"aux/{n}": v for n, v in
                                    zip(names, reduced.tolist())}
         if not math.isfinite(metrics["loss"]):
-            self.optimizer.zero_grad(set_to_none=True)
-            last = latest_checkpoint(self.run_dir)
-            raise TrainingDiverged(
-                f"the loss is {metrics['loss']} at step {self.step + 1} (tokens {self.tokens}); the last good "
-                f"checkpoint is {last or 'none (no checkpoint was saved yet)'}. Lower optim.lr (or raise "
-                "schedule.warmup), check the data for corrupt tokens, then resume from that checkpoint "
-                "with --resume PATH or restart")
+            self._diverged(f"the loss is {metrics['loss']}")
         grad_norm = clip_gradients(self.optimizer, self.config.optim.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded norm
             grad_norm = grad_norm.full_tensor()
+        if not math.isfinite(grad_norm.item()):  # a finite loss can still back-propagate inf/NaN
+            self._diverged(f"the gradient norm is {grad_norm.item()}")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -296,6 +292,15 @@ class Trainer:
             else:
                 self._print(message)
         return results
+
+    def _diverged(self, what: str) -> None:
+        """Stop before the bad update, naming the step, the last good checkpoint and what to try."""
+        self.optimizer.zero_grad(set_to_none=True)
+        last = latest_checkpoint(self.run_dir)
+        raise TrainingDiverged(
+            f"{what} at step {self.step + 1} (tokens {self.tokens}); the last good checkpoint is "
+            f"{last or 'none (no checkpoint was saved yet)'}. Lower optim.lr (or raise schedule.warmup), check the "
+            "data for corrupt tokens, then resume from that checkpoint with --resume PATH or restart")
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
