@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,32 @@ SECTIONS = dict(batch={"micro_batch_size": 2, "global_batch_size": 8}, budget={"
                 run={"eval_every": 2, "eval_batches": 2})
 
 
+def _run_two(worker, *args, timeout: float = 90.0) -> bool:
+    """Run ``worker(rank, 2, port, *args)`` in two spawned processes; False if they did not finish in time.
+
+    A worker's exception propagates (``mp.ProcessRaisedException``)."""
+    context = mp.start_processes(worker, args=(2, _free_port(), *args), nprocs=2, start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            return False
+    return True
+
+
+def _with_one_retry(scenario, root) -> Path:
+    """Run ``scenario(directory) -> bool`` in a fresh directory, once more if it hung.
+
+    Two-process gloo runs on this CPU setup hang rarely at start-up (seen about once in ten runs, not yet
+    explained); a retry keeps that from blocking the suite, while a real failure fails both attempts."""
+    for attempt in range(2):
+        directory = root / f"attempt{attempt}"
+        if scenario(directory):
+            return directory
+    pytest.fail("the two training processes hung twice")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -31,7 +59,7 @@ def _free_port() -> int:
 def _worker(rank: int, world_size: int, port: int, data, out_dir, strategy: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # a fresh process: tiny models run faster on one thread
     train(tiny_config(data, out_dir, **{**SECTIONS, "run": {**SECTIONS["run"], "strategy": strategy}}))
 
 
@@ -46,10 +74,8 @@ def single(tmp_path_factory):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one(single, tmp_path, strategy):
     data, expected = single
-    # fork: the children reuse this process's imports (spawn would re-import torch in each, ~10 s)
-    mp.start_processes(_worker, args=(2, _free_port(), data, tmp_path / "run", strategy), nprocs=2,
-                       start_method="fork")
-    got = read_metrics(tmp_path / "run")
+    run = _with_one_retry(lambda directory: _run_two(_worker, data, directory, strategy), tmp_path)
+    got = read_metrics(run)
     assert [m["step"] for m in got] == [m["step"] for m in expected]
     for mine, theirs in zip(got, expected):
         for key in ("loss", "lm_loss", "grad_norm", "val/nll_topk", "val/nll_causal"):
@@ -64,7 +90,7 @@ def _worker_crashing(rank: int, world_size: int, port: int, data, out_dir, strat
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    if crash_at is not None:  # this forked child only
+    if crash_at is not None:  # in this child process only
         step = Trainer._train_step
 
         def crash(self, batch):
@@ -80,12 +106,19 @@ def _worker_crashing(rank: int, world_size: int, port: int, data, out_dir, strat
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_resume_exactly(single, tmp_path, strategy):
     data, expected = single
-    with pytest.raises(mp.ProcessRaisedException, match="simulated crash"):
-        mp.start_processes(_worker_crashing, args=(2, _free_port(), data, tmp_path / "run", strategy, 3, None),
-                           nprocs=2, start_method="fork")
-    mp.start_processes(_worker_crashing, args=(2, _free_port(), data, tmp_path / "run", strategy, None, "latest"),
-                       nprocs=2, start_method="fork")
-    got = read_metrics(tmp_path / "run")
+
+    def crash_then_resume(directory: Path) -> bool:
+        try:
+            finished = _run_two(_worker_crashing, data, directory, strategy, 3, None)
+        except mp.ProcessRaisedException as error:
+            assert "simulated crash" in str(error)
+        else:
+            if not finished:
+                return False
+            pytest.fail("the first run was meant to crash at step 4")
+        return _run_two(_worker_crashing, data, directory, strategy, None, "latest")
+
+    got = read_metrics(_with_one_retry(crash_then_resume, tmp_path))
     assert [m["step"] for m in got] == [m["step"] for m in expected]
     for mine, theirs in zip(got, expected):
         for key in ("loss", "grad_norm", "val/nll_topk"):
