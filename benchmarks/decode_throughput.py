@@ -85,10 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base-batch", type=int, default=32, help="vanilla batch that defines 'max'")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the engine eagerly on CUDA")
+    parser.add_argument("--no-compile", action="store_true", help="do not fuse the engine's layers with "
+                                                                   "torch.compile (CUDA graphs only)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
     parser.add_argument("--hf-requests", type=int, default=None,
                         help="requests for the transformers baseline (default 4 batches' worth)")
-    parser.add_argument("--hf-compile", action="store_true", help="torch.compile the transformers forward")
     parser.add_argument("--calibration-rows", type=int, default=8, help="random rows used to calibrate exits")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a small subset that finishes in a few minutes")
@@ -217,8 +218,9 @@ def run_engine(model: MoRForCausalLM, lengths: list[int], batch: int, args: argp
     cuda = args.device.startswith("cuda")
     start_token = model.config.bos_token_id if model.config.bos_token_id is not None else \
         (model.config.eos_token_id or 0)
+    graphs = cuda and not args.no_cuda_graphs
     engine = Engine(model, max_batch_slots=batch, max_seq_len=1 + max(lengths), page_size=args.page_size,
-                    cuda_graphs=cuda and not args.no_cuda_graphs)
+                    cuda_graphs=graphs, compile=graphs and not args.no_compile)
     warmup = time.perf_counter()
     if engine.cuda_graphs:
         engine.capture_graphs()
@@ -242,6 +244,7 @@ def run_engine(model: MoRForCausalLM, lengths: list[int], batch: int, args: argp
         kv_block_ratio=s.kv_block_ratio, kv_model_ratio=s.kv_model_ratio,
         kv_block_ratio_target=block_ratio_target(model.config), kv_peak_bytes=s.kv_peak_bytes,
         kv_pool_bytes=s.kv_allocated_bytes, warmup_s=warmup, cuda_graphs=engine.cuda_graphs,
+        compiled=engine.compiled,
     )
     if cuda:
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -265,23 +268,29 @@ def hf_llama(model: MoRForCausalLM) -> torch.nn.Module:
 
 @torch.no_grad()
 def run_hf(model: MoRForCausalLM, lengths: list[int], batch: int, args: argparse.Namespace) -> dict:
+    """``generate`` with one pre-allocated ``StaticCache`` as long as the longest request, reset for every batch
+    of ``batch`` requests: every batch has the same shapes, so the forward that ``transformers`` compiles for a
+    static cache on CUDA (CUDA graphs included) is compiled once, during the warm-up."""
+    from transformers import StaticCache
+
     hf = hf_llama(model)
-    if args.hf_compile:
-        hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
     device = model.lm_head.weight.device
     start_token = model.config.bos_token_id if model.config.bos_token_id is not None else \
         (model.config.eos_token_id or 0)
-    count = args.hf_requests or 4 * batch
+    count = max(batch, (args.hf_requests or 4 * batch) // batch * batch)  # whole batches: one cache shape
     lengths = lengths[:count]
+    cache = StaticCache(config=hf.config, max_cache_len=1 + max(lengths))
     # min_new_tokens = max_new_tokens: every request runs to its length, as in the engine.
-    common = dict(do_sample=True, temperature=1.0, top_k=0, cache_implementation="static",
+    common = dict(do_sample=True, temperature=1.0, top_k=0, past_key_values=cache,
                   pad_token_id=model.config.pad_token_id or 0)
 
     def generate(rows: int, new: int) -> None:
+        cache.reset()
         ids = torch.full((rows, 1), start_token, device=device)
         hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, **common)
 
-    generate(batch, min(16, max(lengths)))  # warm-up
+    for _ in range(2):  # warm-up: compilation and graph capture
+        generate(batch, min(16, max(lengths)))
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -296,7 +305,7 @@ def run_hf(model: MoRForCausalLM, lengths: list[int], batch: int, args: argparse
     seconds = time.perf_counter() - start
     useful = sum(lengths)
     return dict(batch=batch, requests=len(lengths), tokens=useful, seconds=seconds, tokens_per_s=useful / seconds,
-                raw_tokens_per_s=generated / seconds, compiled=args.hf_compile)
+                raw_tokens_per_s=generated / seconds, compiled=device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------------------------- reporting
@@ -365,10 +374,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         record_base.update(exits=source, non_embedding_params=model.num_parameters(exclude_embeddings=True))
         vanilla_entries = kv_entries_per_token(MoRConfig.from_preset(
             SHAPES[spec.shape], num_hidden_layers=spec.config.num_effective_layers))
+        measured: dict[int, list[dict]] = {}  # batch size -> its records (vanilla's 'max' is its base batch)
         for setting in settings:
             batch = args.base_batch if setting == "max" and spec.name.startswith("vanilla") else \
                 max(1, math.floor(args.base_batch * vanilla_entries / kv_entries_per_token(model.config))) \
                 if setting == "max" else int(setting)
+            if batch in measured:  # the same run under another setting's name
+                records += [dict(r, batch_size=setting) for r in measured[batch]]
+                continue
             record = dict(record_base, batch_size=setting)  # the setting; 'batch' is the size
             try:
                 record.update(run_engine(model, lengths, batch, args))
@@ -376,6 +389,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 traceback.print_exc()
                 record.update(batch=batch, error=f"{type(error).__name__}: {error}")
             records.append(record)
+            measured[batch] = [record]
             normalise(records)
             write_json(path, meta, records)
             print(json.dumps({k: v for k, v in record.items() if k != "depth_histogram"}), flush=True)
@@ -388,9 +402,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     traceback.print_exc()
                     hf_record.update(batch=batch, error=f"{type(error).__name__}: {error}")
                 records.append(hf_record)
+                measured[batch].append(hf_record)
                 write_json(path, meta, records)
                 print(json.dumps(hf_record), flush=True)
         del model
+        torch.compiler.reset()  # the next model's layers compile afresh rather than pile up recompilations
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     print_table(records)

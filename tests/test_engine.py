@@ -40,6 +40,19 @@ def test_fixed_shape_step_for_cuda_graphs_computes_the_same(variant):
     assert_matches_generate(model, out, prompts(), NEW_TOKENS)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", ["vanilla", "recursive_cycle", "expert", "expert_share", "expert_aux_router",
+                                     "token", "token_share"])
+def test_cuda_graphs_generate_what_generate_does_on_the_gpu(variant):
+    model = make(variant).cuda()
+    engine = Engine(model, max_batch_slots=4, max_seq_len=32, page_size=4, cuda_graphs=True)
+    engine.capture_graphs()
+    for _ in range(2):  # replaying the captured graphs a second time must not depend on the first run
+        out = engine.generate(prompts(), NEW_TOKENS)
+        assert_matches_generate(model, out, prompts(), NEW_TOKENS)
+    assert engine.cache.pages_in_use() == 0
+
+
 def test_short_page_pool_preempts_and_recomputes_without_changing_tokens():
     model = make("expert")
     lengths, new_tokens = (1, 5, 3, 7, 2, 4), [12, 9, 14, 7, 10, 11]

@@ -23,7 +23,10 @@ prompt and the tokens it generated so far.
 Attention over ragged per-token caches is a padded gather of each token's pages plus a validity mask (generic,
 CPU and GPU). With ``cuda_graphs=True`` every stage runs on fixed bucket sizes with full-width block tables and
 is captured once per bucket as a CUDA graph; ``static_shapes=True`` runs exactly that computation without
-capturing, which is how the CPU tests check it.
+capturing, which is how the CPU tests check it. A decoder layer with its cache update is some seventy small
+kernels when run eagerly, so a graph replay would still be bound by kernel count: ``compile=True`` (the default
+with CUDA graphs) runs each layer through ``torch.compile``, which fuses them. All layers share one compiled
+function (regional compilation), so compiling costs seconds, not minutes per model.
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ from tqdm.auto import tqdm
 from mor.infer.generate import check_prompts
 from mor.infer.sampling import SamplingParams, sample
 from mor.model.kv_cache import PagedKVCache
-from mor.model.layers import CacheUpdate
 from mor.model.routing import RoutingResult
 
 
@@ -156,13 +158,15 @@ class Engine:
     ``max_seq_len``: prompt + generated tokens per request (default: the model's context); ``page_size``:
     entries per KV page; ``num_pages``: pool size (default: the worst case, which never preempts);
     ``max_recursions``: cap the depth at inference; ``extra_recursions``: apply the block more times after the
-    last trained step (test-time depth scaling, as ``generate``).
+    last trained step (test-time depth scaling, as ``generate``); ``cuda_graphs``: replay every stage from CUDA
+    graphs of fixed bucket sizes; ``compile``: fuse each decoder layer with ``torch.compile`` (default: with
+    CUDA graphs).
     """
 
     def __init__(self, model: nn.Module, max_batch_slots: int = 32, max_seq_len: int | None = None,
                  page_size: int = 16, max_requests: int | None = None, num_pages: int | None = None,
                  max_recursions: int | None = None, extra_recursions: int = 0, cuda_graphs: bool = False,
-                 static_shapes: bool | None = None) -> None:
+                 static_shapes: bool | None = None, compile: bool | None = None) -> None:
         cfg = model.config
         if cfg.random_router:
             raise ValueError("random routers decide by chance; the engine needs a trained (or calibrated) router")
@@ -186,6 +190,8 @@ class Engine:
         self.extra_recursions = extra_recursions
         self.cuda_graphs = cuda_graphs
         self.static_shapes = cuda_graphs if static_shapes is None else static_shapes
+        self.compiled = cuda_graphs if compile is None else compile
+        self._layer_step = torch.compile(self._layer) if self.compiled else self._layer
 
         steps = inner.plan.steps
         if max_recursions is not None and cfg.sharing in ("cycle", "middle_cycle"):
@@ -468,9 +474,10 @@ class Engine:
     def _bucket(n: int, largest: int) -> int:
         return min(1 << (n - 1).bit_length(), largest)
 
-    def _cache_update(self, write_stream: Tensor, write: Tensor, read_stream: Tensor, slots: Tensor,
-                      positions: Tensor, pages: int) -> CacheUpdate:
-        """Append each token's key/value to its stream (where ``write``), then attend to its read stream."""
+    def _layer(self, layer: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], write_stream: Tensor, write: Tensor,
+               read_stream: Tensor, slots: Tensor, positions: Tensor, pages: int) -> Tensor:
+        """One decoder layer on tokens ``x`` [n, 1, d]: each token appends its key/value to its stream (where
+        ``write``), then attends to its read stream over ``pages`` pages."""
         cache = self.cache
 
         def update(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -478,7 +485,7 @@ class Engine:
             keys, values, _, valid = cache.read(read_stream, slots, pages)
             return keys, values, valid[:, None, None, :]
 
-        return update
+        return layer(x, rope, None, cache=update)[0]
 
     def _unique_layers(self, positions: tuple[int, ...], x: Tensor, slots: Tensor, pages: list[int]) -> Tensor:
         """Run the prelude or coda positions on tokens ``x`` [n, d] of ``slots``."""
@@ -489,8 +496,8 @@ class Engine:
         x = x[:, None]
         for p, width in zip(positions, pages):
             stream = torch.full_like(slots, self.cache.stream[p])
-            x = inner.unrolled_layer(p)(x, rope, None, cache=self._cache_update(stream, real, stream, slots, t,
-                                                                                width))[0]
+            # Read and write streams as two tensors: the compiled layer would be specialised for aliased inputs.
+            x = self._layer_step(inner.unrolled_layer(p), x, rope, stream, real, stream.clone(), slots, t, width)
         return x[:, 0]
 
     def _entry_fn(self, slots: Tensor, tokens: Tensor, positions: Tensor, pages: list[int]) -> Tensor:
@@ -545,9 +552,8 @@ class Engine:
         real = slots != self.idle
         x = h[:, None]
         for j, (layer, width) in enumerate(zip(self.block, pages)):
-            update = self._cache_update(self.write_stream[step_index, j], self.writes[step_index, j] & real,
-                                        self.read_stream[step_index, j], slots, t, width)
-            x = layer(x, rope, None, cache=update)[0]
+            x = self._layer_step(layer, x, rope, self.write_stream[step_index, j], self.writes[step_index, j] & real,
+                                 self.read_stream[step_index, j], slots, t, width)
         out = x[:, 0]
         more = step_index + 1 < len(self.steps)
         if inner.expert is not None:
