@@ -277,8 +277,9 @@ def run_hf(model: MoRForCausalLM, lengths: list[int], batch: int, args: argparse
     device = model.lm_head.weight.device
     start_token = model.config.bos_token_id if model.config.bos_token_id is not None else \
         (model.config.eos_token_id or 0)
-    count = max(batch, (args.hf_requests or 4 * batch) // batch * batch)  # whole batches: one cache shape
-    lengths = lengths[:count]
+    count = min(len(lengths), args.hf_requests or 4 * batch)
+    batch = min(batch, count)
+    lengths = lengths[:count // batch * batch]  # whole batches: one cache shape
     cache = StaticCache(config=hf.config, max_cache_len=1 + max(lengths))
     # min_new_tokens = max_new_tokens: every request runs to its length, as in the engine.
     common = dict(do_sample=True, temperature=1.0, top_k=0, past_key_values=cache,
