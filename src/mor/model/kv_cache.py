@@ -258,10 +258,13 @@ class PagedKVCache:
         the first). Room must have been reserved."""
         index = self.counts[streams, requests] + (0 if rank is None else rank)
         page = self.tables[streams, requests, (index // self.page_size).clamp(max=self.max_pages - 1)]
-        slot = torch.where(mask, page * self.page_size + index % self.page_size, self.trash * self.page_size)
-        self.keys.view(-1, *self.keys.shape[2:]).index_copy_(0, slot, k.to(self.keys.dtype))
-        self.values.view(-1, *self.values.shape[2:]).index_copy_(0, slot, v.to(self.values.dtype))
-        self.token_positions.view(-1).index_copy_(0, slot, positions)
+        page = torch.where(mask, page, self.trash)
+        offset = index % self.page_size
+        # Indexed assignment into the pool itself (not a view of it): under torch.compile this stays an in-place
+        # scatter, where a write through a view makes the compiled code copy the whole pool.
+        self.keys[page, offset] = k.to(self.keys.dtype)
+        self.values[page, offset] = v.to(self.values.dtype)
+        self.token_positions[page, offset] = positions
         self.counts.index_put_((streams, requests), mask.long(), accumulate=True)
 
     def read(self, streams: Tensor, requests: Tensor, num_pages: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
