@@ -44,6 +44,7 @@ def test_fixed_shape_step_for_cuda_graphs_computes_the_same(variant):
 @pytest.mark.parametrize("variant", ["vanilla", "recursive_cycle", "expert", "expert_share", "expert_aux_router",
                                      "token", "token_share"])
 def test_cuda_graphs_generate_what_generate_does_on_the_gpu(variant):
+    torch.compiler.reset()  # every variant compiles afresh, within dynamo's recompilation limit
     model = make(variant).cuda()
     engine = Engine(model, max_batch_slots=4, max_seq_len=32, page_size=4, cuda_graphs=True)
     engine.capture_graphs()

@@ -26,7 +26,10 @@ is captured once per bucket as a CUDA graph; ``static_shapes=True`` runs exactly
 capturing, which is how the CPU tests check it. A decoder layer with its cache update is some seventy small
 kernels when run eagerly, so a graph replay would still be bound by kernel count: ``compile=True`` (the default
 with CUDA graphs) runs each layer through ``torch.compile``, which fuses them. All layers share one compiled
-function (regional compilation), so compiling costs seconds, not minutes per model.
+function (regional compilation), so compiling costs seconds, not minutes per model. Each engine adds a few
+compiled variants of that function; a process that builds many engines for different models should call
+``torch.compiler.reset()`` between them to stay within dynamo's recompilation limit (past it, layers run
+eagerly: correct, but slower).
 """
 
 from __future__ import annotations
@@ -131,22 +134,21 @@ class _Run:
 
 
 class _Graph:
-    """A CUDA graph of ``fn`` over static copies of its inputs."""
+    """A CUDA graph of ``fn`` over a static copy of its input."""
 
-    def __init__(self, fn: Callable[..., Tensor], inputs: list[Tensor], pool: object) -> None:
-        self.inputs = [x.clone() for x in inputs]
+    def __init__(self, fn: Callable[[Tensor], Tensor], inputs: Tensor, pool: object) -> None:
+        self.inputs = inputs.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph (the inputs point at the idle request)
-            fn(*self.inputs)
+            fn(self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.output = fn(*self.inputs)
+            self.output = fn(self.inputs)
 
-    def __call__(self, *inputs: Tensor) -> Tensor:
-        for buffer, x in zip(self.inputs, inputs):
-            buffer.copy_(x)
+    def __call__(self, inputs: Tensor) -> Tensor:
+        self.inputs.copy_(inputs)
         self.graph.replay()
         return self.output
 
@@ -211,7 +213,13 @@ class Engine:
         self._write_stream = np.array([[stream.get(p, 0) for p in step] for step in self.steps], dtype=np.int64)
         self._read_stream = np.array([[stream[inner.kv_position(p)] for p in step] for step in self.steps],
                                      dtype=np.int64)
+        # Whether the read stream already holds this pass's entry when the layer reads it (written by this layer or
+        # an earlier one of the same step, as sequence sharing with shared keys/values does); counted after the step.
+        self._pending = np.array([[any(w[i] and ws[i] == rs[j] for i in range(j + 1)) for j in range(len(rs))]
+                                  for w, ws, rs in zip(self._writes, self._write_stream, self._read_stream)],
+                                 dtype=bool).reshape(self._writes.shape)
         self.writes = torch.from_numpy(self._writes).to(device)
+        self.pending = torch.from_numpy(self._pending).to(device)
         self.write_stream = torch.from_numpy(self._write_stream).to(device)
         self.read_stream = torch.from_numpy(self._read_stream).to(device)
 
@@ -312,9 +320,7 @@ class Engine:
         entering = [e for e in entering if e[0].slot in slots]
         if not entering:
             return
-        device = self.hidden.device
-        inputs = [torch.tensor(slots, device=device), torch.tensor([t for _, t, _ in entering], device=device),
-                  torch.tensor([p for _, _, p in entering], device=device)]
+        inputs = [slots, [t for _, t, _ in entering], [p for _, _, p in entering]]
         cont = self._call("entry", self._entry_fn, inputs, lambda: self._widths(self.prelude, slots)).tolist()
         run.tokens_in += len(entering)
         for (request, _, _), go in zip(entering, cont):
@@ -337,10 +343,8 @@ class Engine:
         batch = self._make_room(run, batch, needs)
         if not batch:
             return
-        device = self.hidden.device
         step_index = [run.active[s].step - 1 for s in batch]
-        inputs = [torch.tensor(batch, device=device), torch.tensor(step_index, device=device)]
-        cont = self._call("block", self._block_fn, inputs,
+        cont = self._call("block", self._block_fn, [batch, step_index],
                           lambda: self._widths(self._read_stream[step_index], batch)).tolist()
         run.block_steps += 1
         run.block_tokens += len(batch)
@@ -358,8 +362,7 @@ class Engine:
         batch = self._make_room(run, batch, lambda slots: self._pairs(self.coda, slots))
         if not batch:
             return
-        inputs = [torch.tensor(batch, device=self.hidden.device)]
-        logits = self._call("tail", self._tail_fn, inputs, lambda: self._widths(self.coda, batch))
+        logits = self._call("tail", self._tail_fn, [batch], lambda: self._widths(self.coda, batch))
         tokens = sample(logits, run.params, run.generator).tolist()
         run.tail_steps += 1
         run.tail_tokens += len(batch)
@@ -433,19 +436,19 @@ class Engine:
         return [max(1, -(-int(n) // self.cache.page_size)) for n in longest]
 
     # ------------------------------------------------------------------ computation (device)
-    def _call(self, kind: str, fn: Callable[..., Tensor], inputs: list[Tensor],
+    def _call(self, kind: str, fn: Callable[..., Tensor], inputs: list[list[int]],
               pages: Callable[[], list[int]]) -> Tensor:
-        """Run ``fn`` on the batch: as is, with block tables as wide as ``pages()`` says, or padded to a bucket
-        (idle request) with full-width tables, from a CUDA graph when enabled."""
-        n = inputs[0].shape[0]
+        """Run ``fn`` on the batch (``inputs``: slots first, then per-token integers): as is, with block tables as
+        wide as ``pages()`` says, or padded to a bucket (idle request) with full-width tables, from a CUDA graph
+        when enabled. The inputs travel to the device in one copy."""
+        n = len(inputs[0])
         if not self.static_shapes:
-            return fn(*inputs, pages=pages())
+            return fn(*torch.tensor(inputs, device=self.hidden.device), pages=pages())
         bucket = self._bucket(n, self.slots if kind == "block" else self.max_requests)
-        padded = [torch.cat([x, torch.full((bucket - n,), self.idle if i == 0 else 0, dtype=x.dtype,
-                                           device=x.device)]) for i, x in enumerate(inputs)]
+        padded = torch.tensor([x + [self.idle if i == 0 else 0] * (bucket - n) for i, x in enumerate(inputs)])
         if not self.cuda_graphs:
-            return fn(*padded, pages=self._full_pages(kind))[:n]
-        return self._graph(kind, fn, bucket, len(inputs))(*padded)[:n]
+            return fn(*padded.to(self.hidden.device), pages=self._full_pages(kind))[:n]
+        return self._graph(kind, fn, bucket, len(inputs))(padded)[:n]
 
     @torch.no_grad()
     def capture_graphs(self) -> None:
@@ -459,11 +462,10 @@ class Engine:
     def _graph(self, kind: str, fn: Callable[..., Tensor], bucket: int, count: int) -> _Graph:
         key = (kind, bucket)
         if key not in self._graphs:
-            device = self.hidden.device
-            idle = [torch.full((bucket,), self.idle, device=device)]
-            idle += [torch.zeros(bucket, dtype=torch.long, device=device) for _ in range(count - 1)]
+            idle = torch.zeros(count, bucket, dtype=torch.long, device=self.hidden.device)
+            idle[0] = self.idle
             full = self._full_pages(kind)
-            self._graphs[key] = _Graph(lambda *xs: fn(*xs, pages=full), idle, self._pool)
+            self._graphs[key] = _Graph(lambda x: fn(*x, pages=full), idle, self._pool)
         return self._graphs[key]
 
     def _full_pages(self, kind: str) -> list[int]:
@@ -475,14 +477,15 @@ class Engine:
         return min(1 << (n - 1).bit_length(), largest)
 
     def _layer(self, layer: nn.Module, x: Tensor, rope: tuple[Tensor, Tensor], write_stream: Tensor, write: Tensor,
-               read_stream: Tensor, slots: Tensor, positions: Tensor, pages: int) -> Tensor:
+               read_stream: Tensor, pending: Tensor, slots: Tensor, positions: Tensor, pages: int) -> Tensor:
         """One decoder layer on tokens ``x`` [n, 1, d]: each token appends its key/value to its stream (where
-        ``write``), then attends to its read stream over ``pages`` pages."""
+        ``write``), then attends to its read stream over ``pages`` pages, including the entry of this step where
+        ``pending``. The stage counts its entries once all its layers have run (:meth:`_count`)."""
         cache = self.cache
 
         def update(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            cache.write(write_stream, slots, k[:, :, 0], v[:, :, 0], positions, write)
-            keys, values, _, valid = cache.read(read_stream, slots, pages)
+            cache.write(write_stream, slots, k[:, :, 0], v[:, :, 0], positions, write, count=False)
+            keys, values, _, valid = cache.read(read_stream, slots, pages, pending)
             return keys, values, valid[:, None, None, :]
 
         return layer(x, rope, None, cache=update)[0]
@@ -494,11 +497,20 @@ class Engine:
         rope = inner.rotary(t[:, None], x.dtype)
         real = slots != self.idle
         x = x[:, None]
+        streams = []
         for p, width in zip(positions, pages):
             stream = torch.full_like(slots, self.cache.stream[p])
             # Read and write streams as two tensors: the compiled layer would be specialised for aliased inputs.
-            x = self._layer_step(inner.unrolled_layer(p), x, rope, stream, real, stream.clone(), slots, t, width)
+            x = self._layer_step(inner.unrolled_layer(p), x, rope, stream, real, stream.clone(), real.clone(), slots,
+                                 t, width)
+            streams.append(stream)
+        if streams:
+            self._count(torch.stack(streams, 1), slots, real[:, None].expand(-1, len(streams)))
         return x[:, 0]
+
+    def _count(self, streams: Tensor, slots: Tensor, writes: Tensor) -> None:
+        """Count a stage's writes [n, J] at once (one scatter rather than one per layer)."""
+        self.cache.count(streams.flatten(), slots[:, None].expand_as(streams).flatten(), writes.flatten())
 
     def _entry_fn(self, slots: Tensor, tokens: Tensor, positions: Tensor, pages: list[int]) -> Tensor:
         """Embedding, prelude and first routing decision of new tokens; whether each runs the first step."""
@@ -551,9 +563,14 @@ class Engine:
         rope = inner.rotary(t[:, None], h.dtype)
         real = slots != self.idle
         x = h[:, None]
+        # Gathered once per step, so each layer takes column views rather than indexing again.
+        write_stream, read_stream = self.write_stream[step_index], self.read_stream[step_index]
+        writes = self.writes[step_index] & real[:, None]
+        pending = self.pending[step_index] & real[:, None]
         for j, (layer, width) in enumerate(zip(self.block, pages)):
-            x = self._layer_step(layer, x, rope, self.write_stream[step_index, j], self.writes[step_index, j] & real,
-                                 self.read_stream[step_index, j], slots, t, width)
+            x = self._layer_step(layer, x, rope, write_stream[:, j], writes[:, j], read_stream[:, j], pending[:, j],
+                                 slots, t, width)
+        self._count(write_stream, slots, writes)
         out = x[:, 0]
         more = step_index + 1 < len(self.steps)
         if inner.expert is not None:

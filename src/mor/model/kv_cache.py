@@ -252,10 +252,11 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ device side: entries
     def write(self, streams: Tensor, requests: Tensor, k: Tensor, v: Tensor, positions: Tensor, mask: Tensor,
-              rank: Tensor | None = None) -> None:
+              rank: Tensor | None = None, count: bool = True) -> None:
         """Append entry i (``k``/``v`` [N, Hkv, D] at token ``positions`` [N]) to (``streams[i]``,
         ``requests[i]``) where ``mask`` is set; ``rank`` [N] orders several entries of one pair in a call (0 for
-        the first). Room must have been reserved."""
+        the first). Room must have been reserved. ``count=False`` leaves the entries uncounted until
+        :meth:`count` (the engine counts a whole step's writes at once; reads see them through ``pending``)."""
         index = self.counts[streams, requests] + (0 if rank is None else rank)
         page = self.tables[streams, requests, (index // self.page_size).clamp(max=self.max_pages - 1)]
         page = torch.where(mask, page, self.trash)
@@ -265,16 +266,24 @@ class PagedKVCache:
         self.keys[page, offset] = k.to(self.keys.dtype)
         self.values[page, offset] = v.to(self.values.dtype)
         self.token_positions[page, offset] = positions
+        if count:
+            self.counts.index_put_((streams, requests), mask.long(), accumulate=True)
+
+    def count(self, streams: Tensor, requests: Tensor, mask: Tensor) -> None:
+        """Count one entry written (uncounted) to each (``streams[i]``, ``requests[i]``) where ``mask`` is set."""
         self.counts.index_put_((streams, requests), mask.long(), accumulate=True)
 
-    def read(self, streams: Tensor, requests: Tensor, num_pages: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def read(self, streams: Tensor, requests: Tensor, num_pages: int,
+             pending: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Keys and values [N, Hkv, S, D], token positions [N, S] and validity [N, S] of (``streams[i]``,
-        ``requests[i]``), padded to ``S = num_pages * page_size`` entries."""
+        ``requests[i]``), padded to ``S = num_pages * page_size`` entries; ``pending`` [N] bool adds an entry
+        written but not yet counted."""
         pages = self.tables[streams, requests, :num_pages]
         k = self.keys[pages].flatten(1, 2).transpose(1, 2)
         v = self.values[pages].flatten(1, 2).transpose(1, 2)
         positions = self.token_positions[pages].flatten(1)
-        valid = torch.arange(positions.shape[1], device=positions.device) < self.counts[streams, requests][:, None]
+        length = self.counts[streams, requests] + (0 if pending is None else pending.long())
+        valid = torch.arange(positions.shape[1], device=positions.device) < length[:, None]
         return k, v, positions, valid
 
     def view(self, requests: Sequence[int]) -> PagedView:

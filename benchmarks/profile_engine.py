@@ -1,0 +1,78 @@
+"""Where the serving loop's time goes: host time per engine stage and the top GPU kernels of a short run.
+
+    python benchmarks/profile_engine.py --shape 135m --model vanilla --batch 128
+    python benchmarks/profile_engine.py --shape 360m --model mor-3 --batch 46 --no-compile
+
+Builds the model as ``decode_throughput.py`` does (calibrated routers for MoR), warms the engine up, then serves
+``--requests`` requests twice: once timing each stage on the host (wall time, synchronised), once under
+``torch.profiler`` to list the kernels that take the GPU's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from decode_throughput import MODELS, SHAPES, Spec, build, generation_lengths
+
+from mor import MoRConfig
+from mor.infer.engine import Engine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="135m", choices=sorted(SHAPES))
+    parser.add_argument("--model", default="vanilla", choices=sorted(MODELS))
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--mean-tokens", type=float, default=64)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--rows", type=int, default=25, help="rows of the kernel table")
+    args = parser.parse_args()
+    args.seed, args.calibration_rows = 0, 8
+    config = MoRConfig.from_preset(SHAPES[args.shape], **MODELS[args.model])
+    model, source = build(Spec(args.shape, args.model, config, "vanilla"), "cuda", torch.bfloat16, args)
+    lengths = generation_lengths(args.requests, args.mean_tokens, args.mean_tokens / 8, 0)
+    graphs = not args.no_cuda_graphs
+    engine = Engine(model, max_batch_slots=args.batch, max_seq_len=1 + max(lengths), cuda_graphs=graphs,
+                    compile=graphs and not args.no_compile)
+    start = [model.config.bos_token_id or 0]
+    if graphs:
+        engine.capture_graphs()
+    engine.generate([start] * args.batch, 16, do_sample=True, seed=0)
+
+    spent: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for name in ("_admit", "_tail", "_block_step", "_make_room", "_call"):
+        original = getattr(engine, name)
+
+        def timed(*a, _original=original, _name=name, **k):
+            begin = time.perf_counter()
+            try:
+                return _original(*a, **k)
+            finally:
+                spent[_name] += time.perf_counter() - begin
+                calls[_name] += 1
+
+        setattr(engine, name, timed)
+    out = engine.generate([start] * len(lengths), lengths, do_sample=True, seed=0)
+    s = out.stats
+    print(f"{args.shape} {args.model} B={args.batch} compile={engine.compiled} graphs={graphs} ({source})")
+    print(f"{s.tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_second:,.0f} tok/s, {s.block_steps} block steps "
+          f"({1e3 * s.seconds / max(s.block_steps, 1):.2f} ms each), occupancy {s.block_occupancy:.2f}")
+    for name in spent:
+        print(f"  {name:<12} {calls[name]:>6} calls {1e3 * spent[name]:>9.1f} ms "
+              f"({1e3 * spent[name] / max(calls[name], 1):.3f} ms/call)")
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.generate([start] * len(lengths), lengths, do_sample=True, seed=0)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
