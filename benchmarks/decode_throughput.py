@@ -219,6 +219,7 @@ def run_engine(model: MoRForCausalLM, lengths: list[int], batch: int, args: argp
     start_token = model.config.bos_token_id if model.config.bos_token_id is not None else \
         (model.config.eos_token_id or 0)
     graphs = cuda and not args.no_cuda_graphs
+    torch.compiler.reset()  # each engine compiles afresh (its graphs are captured below and never recompiled)
     engine = Engine(model, max_batch_slots=batch, max_seq_len=1 + max(lengths), page_size=args.page_size,
                     cuda_graphs=graphs, compile=graphs and not args.no_compile)
     warmup = time.perf_counter()
@@ -407,7 +408,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 write_json(path, meta, records)
                 print(json.dumps(hf_record), flush=True)
         del model
-        torch.compiler.reset()  # the next model's layers compile afresh rather than pile up recompilations
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
     print_table(records)
