@@ -2,14 +2,15 @@
 # Several GPUs against one: train configs/small/mor-expert-3.yaml for a few steps with one process, then with
 # DDP and FSDP2 on NPROC GPUs at the same global batch, resume a DDP run from a mid-way checkpoint, and print
 # each run's loss curve, tokens/s and peak memory. Usage: scripts/multi_gpu_check.sh [NPROC] [OUT_DIR]
-# (needs the shared corpus prepared into runs/data/corpus, see scripts/small_experiments.sh).
+# (needs the shared corpus prepared into runs/data/corpus, see scripts/small_experiments.sh). COMPILE=false skips
+# torch.compile (each run then starts in seconds).
 set -euo pipefail
 nproc=${1:-2}
 out=${2:-runs/multi-gpu}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 common=(configs/small/mor-expert-3.yaml --set budget.flops=null --set budget.steps=40 --set run.progress=false
         --set run.save_every=20 --set run.eval_every=20 --set run.eval_batches=4 --set run.log_every=5
-        --set batch.grad_accum=null --set batch.global_batch_size=64)
+        --set batch.grad_accum=null --set batch.global_batch_size=64 --set run.compile="${COMPILE:-true}")
 
 python3 -m mor.cli train "${common[@]}" --set run.out_dir="$out/single"
 for strategy in ddp fsdp; do
