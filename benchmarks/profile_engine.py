@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--rows", type=int, default=25, help="rows of the kernel table")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("profiling the engine needs a CUDA device")
     args.seed, args.calibration_rows = 0, 8
     config = MoRConfig.from_preset(SHAPES[args.shape], **MODELS[args.model])
     model, source = build(Spec(args.shape, args.model, config, "vanilla"), "cuda", torch.bfloat16, args)
