@@ -267,7 +267,7 @@ class PagedKVCache:
         self.values[page, offset] = v.to(self.values.dtype)
         self.token_positions[page, offset] = positions
         if count:
-            self.counts.index_put_((streams, requests), mask.long(), accumulate=True)
+            self.count(streams, requests, mask)
 
     def count(self, streams: Tensor, requests: Tensor, mask: Tensor) -> None:
         """Count one entry written (uncounted) to each (``streams[i]``, ``requests[i]``) where ``mask`` is set."""
