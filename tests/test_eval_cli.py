@@ -6,7 +6,8 @@ import json
 import shutil
 
 import pytest
-from test_eval_support import bpe_tokenizer, sentences, tiny_model
+import torch
+from test_eval_support import VOCAB, bpe_tokenizer, sentences, tiny_model
 
 from mor.cli import main
 
@@ -79,3 +80,31 @@ def test_prepared_token_folder_scores_like_the_text_it_was_made_from(workspace):
         results[name] = nll
     assert results["shards"]["n"] == results["text"]["n"] == 4
     assert results["shards"]["value"] == pytest.approx(results["text"]["value"], abs=1e-6)
+
+
+def test_transformers_backend_scores_an_original_like_its_import(workspace, capsys):
+    """``--transformers`` scores a Hugging Face folder with transformers itself: the reference numbers of an
+    original model, equal to those of its import as a vanilla MoR checkpoint."""
+    transformers = pytest.importorskip("transformers")
+    from mor.interop import load_hf_llama
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      eos_token_id=[0, 1])
+    transformers.LlamaForCausalLM(config).save_pretrained(workspace / "hf")
+    load_hf_llama(workspace / "hf").save_pretrained(workspace / "imported")
+    values = {}
+    for name, extra in (("hf", ["--transformers"]), ("imported", [])):
+        out = workspace / f"{name}.json"
+        assert main(["eval", str(workspace / name), "--tasks", "copa,lambada", "--limit", "4",
+                     "--data-dir", str(workspace / "data"), "--perplexity", str(workspace / "val.txt"),
+                     "--perplexity-rows", "3", "--seq-len", "32", "--tokenizer", str(workspace / "tokenizer.json"),
+                     "--device", "cpu", "--dtype", "float32", "--out", str(out), *extra]) == 0
+        values[name] = {(r["task"], r["metric"]): r["value"] for r in json.loads(out.read_text())["results"]}
+    assert values["hf"].keys() == values["imported"].keys() and ("val.txt", "nll") in values["hf"]
+    assert values["hf"] == pytest.approx(values["imported"], rel=1e-4)
+
+    (workspace / "model.gguf").write_bytes(b"")
+    assert main(["eval", str(workspace / "model.gguf"), "--transformers", "--tasks", "copa", "--device", "cpu"]) == 2
+    assert "holds no tokenizer.json; pass the tokenizer" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Load a checkpoint directory (``MoRForCausalLM.save_pretrained``) and its tokenizer for evaluation."""
+"""Load a checkpoint and its tokenizer for evaluation: a ``MoRForCausalLM.save_pretrained`` directory, or (for
+reference numbers of an original model under the same protocol) anything ``transformers`` loads."""
 
 from __future__ import annotations
 
@@ -22,20 +23,36 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
 
 
 def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, device: str = "cpu",
-                    dtype: str = "auto") -> tuple[MoRForCausalLM, TextTokenizer]:
+                    dtype: str = "auto", backend: str = "mor") -> tuple[torch.nn.Module, TextTokenizer]:
     """The model in eval mode on ``device`` and the tokenizer: ``tokenizer`` if given, else the checkpoint's
-    own ``tokenizer.json``."""
+    own ``tokenizer.json``.
+
+    ``backend="mor"`` loads a ``save_pretrained`` directory as :class:`MoRForCausalLM`; ``backend="transformers"``
+    loads a Hugging Face folder or a ``.gguf`` file with ``transformers.AutoModelForCausalLM`` instead.
+    """
+    if backend not in ("mor", "transformers"):
+        raise ValueError(f"backend must be 'mor' or 'transformers', got {backend!r}")
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} is not a directory; give the folder that save_pretrained "
-                                "wrote (config.json + model.safetensors)")
+    gguf = backend == "transformers" and path.is_file() and path.suffix == ".gguf"
+    if not (path.is_dir() or gguf):
+        expected = ("a Hugging Face checkpoint folder or a .gguf file" if backend == "transformers" else
+                    "the folder that save_pretrained wrote (config.json + model.safetensors)")
+        raise FileNotFoundError(f"checkpoint {path} is not a directory; give {expected}")
     if tokenizer is None:
-        if not (path / "tokenizer.json").is_file():
+        if gguf or not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path} holds no tokenizer.json; pass the tokenizer the model was trained "
                                     "with (--tokenizer PATH)")
         tokenizer = path
     text_tokenizer = load_tokenizer(tokenizer)
-    model = MoRForCausalLM.from_pretrained(path, map_location=device, dtype=resolve_dtype(dtype, device)).eval()
+    torch_dtype = resolve_dtype(dtype, device)
+    if backend == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        location = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name} if gguf else {
+            "pretrained_model_name_or_path": str(path)}
+        model = AutoModelForCausalLM.from_pretrained(**location, dtype=torch_dtype).to(device).eval()
+    else:
+        model = MoRForCausalLM.from_pretrained(path, map_location=device, dtype=torch_dtype).eval()
     if text_tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {text_tokenizer.path} has {text_tokenizer.vocab_size} tokens but the model's "
                          f"vocabulary holds {model.config.vocab_size}; pass the tokenizer it was trained with")

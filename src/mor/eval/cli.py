@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint: validation NLL/perplexity over packed rows of held-out text and "
                     "zero/few-shot tasks with the paper's metrics. Routed MoR models are scored in both routing "
                     "modes unless --routing says otherwise.")
-    parser.add_argument("checkpoint", help="directory written by save_pretrained (config.json + model.safetensors)")
+    parser.add_argument("checkpoint", help="directory written by save_pretrained (config.json + model.safetensors); "
+                                           "with --transformers, a Hugging Face folder or a .gguf file")
     parser.add_argument("--tasks", default="", help=f"comma-separated tasks or groups 'paper', 'all'; tasks: "
                                                     f"{', '.join(TASKS)}")
     parser.add_argument("--limit", type=int, help="score only the first N items of each task")
@@ -49,6 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="auto = bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--transformers", action="store_true",
+                        help="load CHECKPOINT (a Hugging Face folder or a .gguf file) with "
+                             "transformers.AutoModelForCausalLM: reference numbers of an original model under "
+                             "the same protocol")
     parser.set_defaults(func=run_eval)
 
     # prefix_chars="+": every "-..." argument is lm-eval's, passed through untouched.
@@ -73,7 +78,8 @@ def run_eval(args: argparse.Namespace) -> int:
     # Read every input before the first forward pass, so that bad input fails in seconds, not after hours.
     try:
         tasks = resolve_tasks(args.tasks) if args.tasks else []
-        model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.device, args.dtype)
+        model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.device, args.dtype,
+                                           backend="transformers" if args.transformers else "mor")
         seq_len = args.seq_len or min(2048, model.config.max_position_embeddings)
         rows = {source: list(islice(source_rows(source, tokenizer, seq_len, model.config.vocab_size),
                                     args.perplexity_rows)) for source in args.perplexity}

@@ -130,4 +130,6 @@ def pad_token_id(model: torch.nn.Module) -> int:
 def eos_token_id(model: torch.nn.Module) -> int:
     """End-of-text id: the context of a request whose context is empty, as in lm-evaluation-harness."""
     eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):  # Hugging Face configs may list several; the first is end-of-text
+        eos = eos[0] if eos else None
     return 0 if eos is None else eos
