@@ -208,6 +208,27 @@ def test_init_from_starts_from_a_saved_model(data, tmp_path):
         Trainer(config_from("run4", init_from=str(tmp_path / "start"), intermediate_size=64))
 
 
+def test_tied_weights_are_stored_once_when_the_gathered_state_holds_copies(data, tmp_path, monkeypatch):
+    """Gathering the state onto the CPU (from a GPU, or from FSDP shards) copies every tensor, so the tied head
+    and embedding arrive as two tensors; the checkpoint must still load as a model and resume."""
+    from mor.train import checkpoint as checkpoints
+
+    gather = checkpoints.get_model_state_dict
+    monkeypatch.setattr(checkpoints, "get_model_state_dict",
+                        lambda model, options: {k: v.clone() for k, v in gather(model, options=options).items()})
+    config = tiny_config(data, tmp_path / "run", budget={"steps": 2}, run={"save_every": 1})
+    assert config.model_config().tie_word_embeddings
+    first = train(config)
+    assert "lm_head.weight" not in weights(first.checkpoint)
+    model = MoRForCausalLM.from_pretrained(first.checkpoint)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+    config.budget.steps = 3
+    resumed = train(config, resume="latest")
+    assert torch.equal(weights(resumed.checkpoint)["model.embed_tokens.weight"],
+                       MoRForCausalLM.from_pretrained(resumed.checkpoint).lm_head.weight)
+
+
 def test_truncated_checkpoint_is_refused(finished):
     config, checkpoint = finished
     weights_file = checkpoint / "model.safetensors"

@@ -100,7 +100,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
         tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        tensors, aliases = _deduplicate(model_state)
+        aliases = tied_parameter_names(model)
+        tensors = {name: t.contiguous() for name, t in model_state.items() if name not in aliases}
         save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt", "aliases": json.dumps(aliases)})
         model_config.save(tmp / CONFIG_FILE)
         torch.save({**_plain(trainer_state), "optimizer": optim_state, "rank_states": rank_states},
@@ -118,20 +119,20 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     return target
 
 
-def _deduplicate(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors refuses tensors sharing memory (tied weights): store one and record the other names."""
-    tensors: dict[str, torch.Tensor] = {}
+def tied_parameter_names(model: nn.Module) -> dict[str, str]:
+    """Each name of a tied parameter (the LM head tied to the embedding) mapped to the parameter's first name.
+
+    safetensors stores a tensor once, so tied weights are stored under their first name only. Read off the
+    module, not the gathered state dict: gathering onto the CPU copies each entry, so tied tensors no longer
+    share memory there."""
+    first: dict[int, str] = {}
     aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-               tuple(tensor.stride()), tensor.dtype)
-        if tensor.numel() and key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = tensor.contiguous()
-    return tensors, aliases
+    for name, param in unwrap(model).named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
 
 
 # ------------------------------------------------------------------------------------------------- loading
