@@ -140,3 +140,15 @@ def test_fsdp_sees_the_output_tensors():
     out = model(ids, labels=ids)
     leaves = tree_flatten(out)[0]
     assert any(t is out.loss for t in leaves) and any(t is out.logits for t in leaves)
+
+
+def test_more_processes_than_gpus_is_a_config_error(monkeypatch):
+    """torchrun with more processes per node than GPUs: a message that says so, not a CUDA 'invalid device ordinal'."""
+    from mor.train import distributed
+    from mor.train.config import ConfigError, RunConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"wants cuda:1 but the machine has 1 GPU\(s\)"):
+        distributed.setup(RunConfig())

@@ -39,7 +39,7 @@ def tiny_config(data_path: Path, out_dir: Path, **sections: dict[str, Any]) -> T
         "budget": {"steps": 6},
         "batch": {"micro_batch_size": 4},
         "run": {"out_dir": str(out_dir), "log_every": 1, "eval_every": 0, "eval_batches": 2, "save_every": 0,
-                "progress": False},
+                "progress": False, "device": "cpu"},  # fp32 on CPU: the exact-equality tests hold on any machine
     }
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}

@@ -50,6 +50,10 @@ def setup(config: RunConfig) -> DistEnv:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
     if device.type == "cuda":
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"run.device: this process wants {device} but the machine has "
+                              f"{torch.cuda.device_count()} GPU(s); launch at most that many processes per node "
+                              "(torchrun --nproc-per-node) or set run.device=cpu")
         torch.cuda.set_device(device)
     # Under torchrun (RANK is set) ddp/fsdp wrap the model even for one process, so that path can be checked.
     launched = "RANK" in os.environ and config.strategy != "none"
