@@ -322,8 +322,12 @@ class Engine:
             return
         inputs = [slots, [t for _, t, _ in entering], [p for _, _, p in entering]]
         cont = self._call("entry", self._entry_fn, inputs, lambda: self._widths(self.prelude, slots)).tolist()
-        run.tokens_in += len(entering)
-        for (request, _, _), go in zip(entering, cont):
+        self._entered(run, [r for r, _, _ in entering], cont)
+
+    def _entered(self, run: _Run, requests: list[_Request], cont: list[bool]) -> None:
+        """Queue tokens that have run the entry: for the first block step, or for the tail at depth 0."""
+        run.tokens_in += len(requests)
+        for request, go in zip(requests, cont):
             request.ran = 0
             if go:
                 request.step = 1
@@ -358,17 +362,24 @@ class Engine:
                 run.exited.append(slot)
 
     def _tail(self, run: _Run) -> None:
+        """Coda, head and sampling of exited tokens, and the entry of the sampled tokens right behind them on the
+        device: one host round trip for both stages. Every sampled token enters; the entry of a request that has
+        just finished lands in pages that its release frees."""
         batch, run.exited = run.exited[: self.max_requests], run.exited[self.max_requests:]
-        batch = self._make_room(run, batch, lambda slots: self._pairs(self.coda, slots))
+        batch = self._make_room(run, batch, lambda slots: self._pairs(self.coda + self.prelude, slots))
         if not batch:
             return
         logits = self._call("tail", self._tail_fn, [batch], lambda: self._widths(self.coda, batch))
-        tokens = sample(logits, run.params, run.generator).tolist()
+        sampled = sample(logits, run.params, run.generator)
+        positions = [len(run.active[s].prompt) + len(run.active[s].tokens) for s in batch]
+        go = self._call("entry", self._entry_fn, [batch, [0] * len(batch), positions],
+                        lambda: self._widths(self.prelude, batch), device_rows={1: sampled})
+        tokens, cont = torch.stack([sampled, go.long()]).tolist()
         run.tail_steps += 1
         run.tail_tokens += len(batch)
         now = time.perf_counter()
-        entering = []
-        for slot, token in zip(batch, tokens):
+        entered, entered_cont = [], []
+        for slot, token, go_on in zip(batch, tokens, cont):
             request = run.active[slot]
             request.tokens.append(token)
             request.depths.append(request.ran * self.depth_unit)
@@ -381,11 +392,11 @@ class Engine:
                     len(request.tokens) / max(elapsed, 1e-9), request.preemptions)
                 self._release(run, slot)
             else:
-                entering.append((request, token, len(request.prompt) + len(request.tokens) - 1))
+                entered.append(request)
+                entered_cont.append(bool(go_on))
         assert run.progress is not None
         run.progress.update(len(batch))
-        if entering:
-            self._enter(run, entering)
+        self._entered(run, entered, entered_cont)
 
     def _make_room(self, run: _Run, slots: list[int],
                    needs: Callable[[list[int]], tuple[np.ndarray, np.ndarray]]) -> list[int]:
@@ -437,17 +448,22 @@ class Engine:
 
     # ------------------------------------------------------------------ computation (device)
     def _call(self, kind: str, fn: Callable[..., Tensor], inputs: list[list[int]],
-              pages: Callable[[], list[int]]) -> Tensor:
-        """Run ``fn`` on the batch (``inputs``: slots first, then per-token integers): as is, with block tables as
-        wide as ``pages()`` says, or padded to a bucket (idle request) with full-width tables, from a CUDA graph
-        when enabled. The inputs travel to the device in one copy."""
+              pages: Callable[[], list[int]], device_rows: dict[int, Tensor] | None = None) -> Tensor:
+        """Run ``fn`` on the batch (``inputs``: slots first, then per-token integers; ``device_rows`` replaces rows
+        by values already on the device): as is, with block tables as wide as ``pages()`` says, or padded to a
+        bucket (idle request) with full-width tables, from a CUDA graph when enabled. The host's inputs travel to
+        the device in one copy."""
         n = len(inputs[0])
-        if not self.static_shapes:
-            return fn(*torch.tensor(inputs, device=self.hidden.device), pages=pages())
-        bucket = self._bucket(n, self.slots if kind == "block" else self.max_requests)
+        bucket = self._bucket(n, self.slots if kind == "block" else self.max_requests) if self.static_shapes else n
         padded = torch.tensor([x + [self.idle if i == 0 else 0] * (bucket - n) for i, x in enumerate(inputs)])
+        # non_blocking: a blocking host-to-device copy waits for the GPU to drain its queue, a hidden round trip.
+        padded = padded.to(self.hidden.device, non_blocking=True)
+        for row, values in (device_rows or {}).items():
+            padded[row, :n] = values
+        if not self.static_shapes:
+            return fn(*padded, pages=pages())
         if not self.cuda_graphs:
-            return fn(*padded.to(self.hidden.device), pages=self._full_pages(kind))[:n]
+            return fn(*padded, pages=self._full_pages(kind))[:n]
         return self._graph(kind, fn, bucket, len(inputs))(padded)[:n]
 
     @torch.no_grad()

@@ -219,14 +219,13 @@ class PagedKVCache:
             pair = np.repeat(np.arange(len(need)), need)
             first = np.cumsum(need) - need  # where each pair's new pages start in ``pages``
             column = self._num_pages[streams, requests][pair] + np.arange(taken) - first[pair]
-            s, r = streams[pair], requests[pair]
-            self._tables[s, r, column] = pages
-            device = self.tables.device
-            index = tuple(torch.from_numpy(x).to(device) for x in (s, r, column))
-            self.tables[index] = torch.from_numpy(pages.copy()).to(device)
+            update = np.stack([streams[pair], requests[pair], column, pages])  # one host-to-device copy, not four
+            self._tables[update[0], update[1], update[2]] = pages
+            s, r, c, page = torch.from_numpy(update).to(self.tables.device, non_blocking=True)  # no GPU drain
+            self.tables[s, r, c] = page
             self._num_pages[streams, requests] += need
         self._counts[streams, requests] = total
-        np.add.at(self.appended, streams, counts)
+        self.appended += np.bincount(streams, weights=counts, minlength=len(self.appended)).astype(np.int64)
         self.peak_pages = max(self.peak_pages, self.pages_in_use())
 
     def release(self, request: int) -> None:
