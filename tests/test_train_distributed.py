@@ -14,7 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_train_support import make_dataset, tiny_config
 
+from mor import MoRForCausalLM
 from mor.train import Trainer, train
+from mor.train.checkpoint import latest_checkpoint
 from mor.train.run_log import read_metrics
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform != "linux",
@@ -83,6 +85,8 @@ def test_two_processes_match_one(single, tmp_path, strategy):
                 assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (mine["step"], key)
         assert mine["tokens"] == theirs["tokens"]  # tokens count every rank
     assert sum("loss" in m for m in got) == 4 and sum("val/nll_topk" in m for m in got) == 2
+    model = MoRForCausalLM.from_pretrained(latest_checkpoint(run))  # the tied head stored once, whatever the wrapper
+    assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
 def _worker_crashing(rank: int, world_size: int, port: int, data, out_dir, strategy: str, crash_at: int | None,
