@@ -77,10 +77,12 @@ def wrap(model: nn.Module, strategy: str, env: DistEnv) -> nn.Module:
                           inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
         return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                                        **no_buffer_sync)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     _expose_output_tensors()
-    fully_shard(model)
+    # The mesh on the training device: FSDP's default mesh is CUDA whenever a GPU exists, even for a CPU run.
+    fully_shard(model, mesh=init_device_mesh(env.device.type, (env.world_size,)))
     return model
 
 
