@@ -43,8 +43,9 @@ def _run_two(worker, *args, timeout: float = 90.0) -> bool:
 def _with_one_retry(scenario, root) -> Path:
     """Run ``scenario(directory) -> bool`` in a fresh directory, once more if it hung.
 
-    Two-process gloo runs on this CPU setup hang rarely at start-up (seen about once in ten runs, not yet
-    explained); a retry keeps that from blocking the suite, while a real failure fails both attempts."""
+    Two-process gloo runs used to hang now and then at exit, when the DDP/FSDP objects were freed after the
+    process group was destroyed (``Trainer.close`` now frees them first). The deadline keeps any such hang
+    from blocking the suite, and the retry covers a rare one, while a real failure fails both attempts."""
     for attempt in range(2):
         directory = root / f"attempt{attempt}"
         if scenario(directory):

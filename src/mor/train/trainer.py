@@ -9,6 +9,7 @@ to one forward pass over the whole global batch whatever the split and the numbe
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import random
 import signal
@@ -335,6 +336,10 @@ class Trainer:
 
     def close(self) -> None:
         self.log.close()
+        # Drop what holds the process group (DDP's reducer, FSDP's sharded parameters and optimizer state) while
+        # the group still stands: freed after it is destroyed, with another rank already gone, gloo can hang.
+        del self.model, self.module, self.optimizer, self.scheduler
+        gc.collect()
         distributed.teardown()
 
 
