@@ -82,29 +82,38 @@ def test_prepared_token_folder_scores_like_the_text_it_was_made_from(workspace):
     assert results["shards"]["value"] == pytest.approx(results["text"]["value"], abs=1e-6)
 
 
-def test_transformers_backend_scores_an_original_like_its_import(workspace, capsys):
-    """``--transformers`` scores a Hugging Face folder with transformers itself: the reference numbers of an
-    original model, equal to those of its import as a vanilla MoR checkpoint."""
+@pytest.mark.parametrize("source", ["folder", "gguf"])
+def test_transformers_backend_scores_an_original_like_its_import(workspace, capsys, source):
+    """``--transformers`` scores a Hugging Face folder or a GGUF file with transformers itself: the reference
+    numbers of an original model, equal to those of its import as a vanilla MoR checkpoint."""
     transformers = pytest.importorskip("transformers")
+    from test_interop import ROPE_THETA, write_gguf
+
     from mor.interop import load_hf_llama
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      eos_token_id=[0, 1])
-    transformers.LlamaForCausalLM(config).save_pretrained(workspace / "hf")
+                                      rope_theta=ROPE_THETA, eos_token_id=[0, 1])
+    hf = transformers.LlamaForCausalLM(config)
+    hf.save_pretrained(workspace / "hf")
+    original = workspace / "hf"
+    if source == "gguf":
+        pytest.importorskip("accelerate", reason="transformers reads GGUF only with accelerate installed")
+        write_gguf(hf, workspace / "model.gguf")  # skips without the gguf package
+        original = workspace / "model.gguf"
     load_hf_llama(workspace / "hf").save_pretrained(workspace / "imported")
     values = {}
-    for name, extra in (("hf", ["--transformers"]), ("imported", [])):
+    for name, path, extra in (("original", original, ["--transformers"]), ("imported", workspace / "imported", [])):
         out = workspace / f"{name}.json"
-        assert main(["eval", str(workspace / name), "--tasks", "copa,lambada", "--limit", "4",
+        assert main(["eval", str(path), "--tasks", "copa,lambada", "--limit", "4",
                      "--data-dir", str(workspace / "data"), "--perplexity", str(workspace / "val.txt"),
                      "--perplexity-rows", "3", "--seq-len", "32", "--tokenizer", str(workspace / "tokenizer.json"),
                      "--device", "cpu", "--dtype", "float32", "--out", str(out), *extra]) == 0
         values[name] = {(r["task"], r["metric"]): r["value"] for r in json.loads(out.read_text())["results"]}
-    assert values["hf"].keys() == values["imported"].keys() and ("val.txt", "nll") in values["hf"]
-    assert values["hf"] == pytest.approx(values["imported"], rel=1e-4)
+    assert values["original"].keys() == values["imported"].keys() and ("val.txt", "nll") in values["original"]
+    assert values["original"] == pytest.approx(values["imported"], rel=1e-4)
 
-    (workspace / "model.gguf").write_bytes(b"")
-    assert main(["eval", str(workspace / "model.gguf"), "--transformers", "--tasks", "copa", "--device", "cpu"]) == 2
-    assert "holds no tokenizer.json; pass the tokenizer" in capsys.readouterr().err
+    if source == "gguf":  # a GGUF holds no tokenizer.json to fall back on
+        assert main(["eval", str(original), "--transformers", "--tasks", "copa", "--device", "cpu"]) == 2
+        assert "holds no tokenizer.json; pass the tokenizer" in capsys.readouterr().err

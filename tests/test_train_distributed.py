@@ -157,3 +157,22 @@ def test_more_processes_than_gpus_is_a_config_error(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ConfigError, match=r"wants cuda:1 but the machine has 1 GPU\(s\)"):
         distributed.setup(RunConfig())
+
+
+def test_fsdp_shards_over_a_mesh_of_the_training_device(monkeypatch):
+    """FSDP2's default mesh is CUDA whenever a GPU exists: a CPU (gloo) run on a GPU machine must name its own."""
+    import torch.distributed.fsdp as fsdp
+
+    from mor import MoRConfig, MoRForCausalLM
+    from mor.train import distributed
+
+    meshes = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, mesh=None: meshes.append(mesh))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = MoRForCausalLM(MoRConfig.from_preset("tiny"))
+        distributed.wrap(model, "fsdp", distributed.DistEnv(0, 0, 1, torch.device("cpu")))
+    finally:
+        dist.destroy_process_group()
+    [mesh] = meshes
+    assert mesh is not None and mesh.device_type == "cpu" and mesh.size() == 1

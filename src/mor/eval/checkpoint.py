@@ -48,9 +48,8 @@ def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, devic
     if backend == "transformers":
         from transformers import AutoModelForCausalLM
 
-        location = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name} if gguf else {
-            "pretrained_model_name_or_path": str(path)}
-        model = AutoModelForCausalLM.from_pretrained(**location, dtype=torch_dtype).to(device).eval()
+        folder, gguf_file = (path.parent, {"gguf_file": path.name}) if gguf else (path, {})
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **gguf_file, dtype=torch_dtype).to(device).eval()
     else:
         model = MoRForCausalLM.from_pretrained(path, map_location=device, dtype=torch_dtype).eval()
     if text_tokenizer.vocab_size > model.config.vocab_size:
