@@ -7,7 +7,8 @@ from mor import MoRConfig, MoRForCausalLM
 from mor.infer import SamplingParams, generate
 from mor.infer.sampling import sample
 from mor.infer.streaming import RESET, Streamer, TextStreamer, depth_colour
-from mor.model.kv_cache import PagedKVCache, StaticKVCache
+from mor.infer.page_pool import PagedCache
+from mor.model.kv_cache import StaticKVCache
 
 VOCAB = 256
 ROUTED = dict(sharing="middle_cycle", num_recursions=3)
@@ -62,7 +63,7 @@ def test_cached_decoding_equals_full_causal_forward(variant, cache_kind):
         if cache_kind == "static":
             cache = StaticKVCache.for_model(model, batch_size=2, max_len=32)
         else:
-            cache = PagedKVCache.for_model(model, max_requests=2, max_seq_len=32, page_size=4).view([0, 1])
+            cache = PagedCache.for_model(model, num_rows=2, max_seq_len=32, page_size=4).view([0, 1])
         logits, depths = decode_incrementally(model, ids, cache, prefix=9)
     torch.testing.assert_close(logits, full.logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(depths, full.depths)
@@ -94,7 +95,7 @@ def test_cache_streams_hold_exactly_the_tokens_that_ran_each_depth():
         depths = model(ids, routing="causal").depths
         static = StaticKVCache.for_model(model, 2, 24)
         model(ids, routing="causal", cache=static)
-        paged = PagedKVCache.for_model(model, 2, 24, page_size=4)
+        paged = PagedCache.for_model(model, 2, 24, page_size=4)
         model(ids, routing="causal", cache=paged.view([0, 1]))
     plan = model.model.plan
     expected = {p: ids.numel() for p in (*plan.prelude, *plan.coda)}
@@ -120,7 +121,7 @@ def test_kv_sharing_keeps_one_stream_per_distinct_layer():
 
 def test_paged_pool_exhaustion_and_length_limit_raise_clear_errors():
     model = make("vanilla")
-    cache = PagedKVCache.for_model(model, max_requests=1, max_seq_len=8, page_size=4, num_pages=3)
+    cache = PagedCache.for_model(model, num_rows=1, max_seq_len=8, page_size=4, num_pages=3)
     with pytest.raises(MemoryError, match="page pool is exhausted"):
         model(tokens(1, 8), cache=cache.view([0]))
     cache = StaticKVCache.for_model(model, 1, 8)

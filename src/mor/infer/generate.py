@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from mor.infer.sampling import SamplingParams, sample
 from mor.infer.streaming import Decoder, Streamer
-from mor.model.kv_cache import PagedKVCache, StaticKVCache
+from mor.infer.page_pool import PagedCache
+from mor.model.kv_cache import StaticKVCache
 
 CACHES = ("static", "paged")
 
@@ -150,7 +151,7 @@ def generate(
     if cache_implementation == "static":
         cache = StaticKVCache.for_model(model, batch, capacity, extra_recursions)
     else:
-        cache = PagedKVCache.for_model(model, batch, capacity, extra_recursions=extra_recursions).view(range(batch))
+        cache = PagedCache.for_model(model, batch, capacity, extra_recursions=extra_recursions).view(range(batch))
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     forward = dict(routing="causal", cache=cache, max_recursions=max_recursions, extra_recursions=extra_recursions)
 

@@ -47,3 +47,46 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         drop = probs.cumsum(-1) - probs >= params.top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------- per-row sampling
+SAMPLING_MODES = ("greedy", "sample", "filter")  # what a batch needs: argmax only, + noise, + top-k/top-p
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash of ``x`` (int64 values in [0, 2**32)); products stay below 2**63, so int64
+    arithmetic never overflows."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    return (x >> 16) ^ x
+
+
+def gumbel_noise(seed: Tensor, counter: Tensor, vocab: int) -> Tensor:
+    """Gumbel noise [N, vocab] that depends only on each row's ``seed`` and ``counter`` (the index of the token
+    being drawn): a request samples the same tokens whatever else shares its batch, and after a preemption."""
+    key = _hash32(_hash32(seed & _M32) ^ (counter & _M32))
+    bits = _hash32(_hash32(key[:, None] ^ torch.arange(vocab, device=seed.device)) ^ 0x9E3779B9)
+    uniform = ((bits >> 8).float() + 0.5) / 2**24
+    return -torch.log(-torch.log(uniform))
+
+
+def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor, counter: Tensor,
+                mode: str) -> Tensor:
+    """One token per row of ``logits`` [N, V] with per-row settings: ``temperature`` 0 is greedy; ``top_k`` (V for
+    none) and ``top_p`` (1 for none) filter when ``mode`` is "filter". Sampling is the Gumbel-max draw
+    ``argmax(logits / temperature + noise)``, with noise from :func:`gumbel_noise`."""
+    greedy = logits.argmax(-1)
+    if mode == "greedy":
+        return greedy
+    x = logits.float() / temperature.clamp(min=1e-6)[:, None]
+    if mode == "filter":
+        ordered = x.sort(-1, descending=True).values
+        probs = ordered.softmax(-1)
+        rank = torch.arange(x.shape[-1], device=x.device)
+        # Drop a token when the more likely ones already reach top_p, or past the top_k most likely; keep the first.
+        drop = ((probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1)) | (rank >= top_k[:, None])
+        cutoff = ordered.masked_fill(drop & (rank > 0), float("inf")).amin(-1)
+        x = x.masked_fill(x < cutoff[:, None], float("-inf"))
+    drawn = (x + gumbel_noise(seed, counter, x.shape[-1])).argmax(-1)
+    return torch.where(temperature > 0, drawn, greedy)

@@ -211,7 +211,7 @@ class MoRModel(nn.Module):
             out = self._run_step(step, hidden, layout, selection, kvs, cache)
             gate = selection.gate if selection.valid is None else selection.gate * selection.valid
             index = selection.index[..., None].expand(-1, -1, dim)
-            hidden = hidden.scatter_add(1, index, (gate[..., None] * out).to(hidden.dtype))  # H + g * f(H)
+            hidden = hidden.scatter_add(1, index, self.expert.gated_update(gate, out).to(hidden.dtype))
             ran = torch.ones_like(selection.index) if selection.valid is None else selection.valid.long()
             depths = depths.scatter_add(1, selection.index, ran)
             candidates, candidates_valid = selection.index, selection.valid
@@ -233,20 +233,15 @@ class MoRModel(nn.Module):
         assert self.token is not None
         dim = hidden.shape[-1]
         depths, gate = self.token.assign(hidden, layout.valid, result)
-        depths = depths.clamp(max=len(steps))
-        if len(steps) > self.config.num_recursions:  # extra recursions: the deepest tokens go further
-            depths = depths.masked_fill(depths == self.config.num_recursions, len(steps))
+        depths = self.token.widen(depths, len(steps))
         first = hidden  # H^1, the input of the recursion block
         for r, step in enumerate(steps, start=1):
             index, valid = pack(depths >= r)
             selection = Selection(index, valid, gate.gather(1, index))
             out = self._run_step(step, hidden, layout, selection, kvs, cache)
             expand = index[..., None].expand(-1, -1, dim)
-            exits = (depths.gather(1, index) == r)[..., None]
-            gated = selection.gate[..., None].to(out.dtype) * out
-            # Exit: H^1 + g * f(H^r). Intermediate steps: the block output (code) or g * f(H^r) (paper eq. 2).
-            step_out = torch.where(exits, first.gather(1, expand) + gated,
-                                   out if self.config.token_gating == "exit" else gated)
+            exits = depths.gather(1, index) == r
+            step_out = self.token.step_output(first.gather(1, expand), out, selection.gate, exits)
             step_out = torch.where(valid[..., None], step_out, hidden.gather(1, expand))
             hidden = hidden.scatter(1, expand, step_out)
         return hidden, depths

@@ -120,6 +120,28 @@ class ExpertChoice(nn.Module):
             return aux_logits >= 0
         return logits >= _logit(self.config.causal_threshold)
 
+    def full_capacity(self) -> list[bool]:
+        """Per step: whether every active token runs it (capacity 1; step 1 by default)."""
+        return [self.capacity(r) >= 1.0 for r in range(self.config.num_recursions)]
+
+    def causal_decision(self, steps: Tensor, hidden: Tensor, full: Tensor) -> tuple[Tensor, Tensor]:
+        """Whether each token of ``hidden`` [N, d] runs the step of its router index ``steps`` [N] (0-based,
+        one per token: the decoding engine mixes depths in one batch), and the gate it gets there. Tokens at a
+        full-capacity step (``full`` [Nr], from :meth:`full_capacity`) always run it; the others follow
+        :meth:`continues`."""
+        pick = steps[:, None]
+        every = range(self.config.num_recursions)
+        logits = torch.stack([self.logits(r, hidden) for r in every], -1).gather(1, pick)[:, 0]
+        aux = None
+        if self.aux_routers:
+            aux = torch.stack([self.aux_logits(r, hidden) for r in every], -1).gather(1, pick)[:, 0]
+        return full[steps] | self.continues(logits, aux), self.gate(logits)
+
+    @staticmethod
+    def gated_update(gate: Tensor, block_out: Tensor) -> Tensor:
+        """The increment of ``H <- H + g * f(H)`` (MOR_SPEC 4.5) for block outputs ``block_out`` [..., d]."""
+        return gate[..., None] * block_out
+
     def select(
         self,
         step: int,
@@ -260,6 +282,21 @@ class TokenChoice(nn.Module):
             result.stats["max_violation"] = (load.max() - load.mean()) / load.mean()
             p = mean_probs / mean_probs.sum()
             result.stats["entropy"] = -(p * p.clamp(min=1e-12).log()).sum()
+
+    def widen(self, depth: Tensor, num_steps: int) -> Tensor:
+        """Depths for ``num_steps`` recursion steps: capped by ``max_recursions``, and with extra recursions the
+        tokens assigned the deepest trained step run every extra one as well (test-time depth scaling)."""
+        depth = depth.clamp(max=num_steps)
+        if num_steps > self.config.num_recursions:
+            depth = depth.masked_fill(depth == self.config.num_recursions, num_steps)
+        return depth
+
+    def step_output(self, first: Tensor, block_out: Tensor, gate: Tensor, exits: Tensor) -> Tensor:
+        """The new hidden state after a step: at the token's last step (``exits``) ``H^1 + g * f(H^r)``, before
+        it the block output (the official code) or ``g * f(H^r)`` (paper eq. 2, ``token_gating="all"``)."""
+        gated = gate[..., None].to(block_out.dtype) * block_out
+        keep = block_out if self.config.token_gating == "exit" else gated
+        return torch.where(exits[..., None], first + gated, keep)
 
     @torch.no_grad()
     def update_balancing_bias(self) -> None:

@@ -1,0 +1,477 @@
+"""The engine's device side: request rows, their state, and decoding steps as fixed-shape tensor operations.
+
+Every request in flight owns a *row*. A row holds one token at a time and moves through phases:
+
+    ENTER -> (entry) -> BLOCK -> (block steps at depth 1, 2, ...) -> EXIT -> (tail, sampling) -> entry again ...
+                                                                                  \\-> DONE (end token, length)
+
+One *iteration* runs, in order and all on the device:
+
+1. :meth:`PagePool.ensure_room`: every stream of every active row gets room for one more entry;
+2. the *block stage*: the shared recursion block once on up to ``block_slots`` rows in phase BLOCK, whatever
+   their depth (depth-wise batching); each token writes and reads the paged stream of its own depth
+   (recursion-wise caching) or reads its depth-1 stream (KV sharing); then the causal routing rule of
+   :mod:`mor.model.routing` decides per token: the next depth, or EXIT;
+3. the *tail stage*: up to ``tail_slots`` rows in phase EXIT (or ENTER, newly admitted) run the unique last
+   layer(s), the norm and the head, sample their next token (:func:`mor.infer.sampling.sample_rows`), log it,
+   and unless the request is done run the *entry* right behind: embedding, unique first layer(s) and the first
+   routing decision.
+
+Rows are picked by age (oldest first) when there are more candidates than slots; idle slots point at an idle row
+whose writes land in a trash page. A *window* of K iterations runs without the host; at its end the state the
+host needs (the token log, row phases, entry counts, free pages) is published into one status buffer that comes
+back in one copy. With CUDA graphs, each window size is one captured graph: a window costs one launch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mor.infer.page_pool import PagedCache
+from mor.infer.paged_attention import gathered_attention, kernel_available, paged_decode_attention
+from mor.infer.sampling import SAMPLING_MODES, sample_rows
+from mor.model.layers import DecoderLayer, apply_rotary, rms_norm, swiglu
+from mor.model.routing import RoutingResult
+
+FREE, BLOCK, EXIT, ENTER, DONE = range(5)
+MAX_EOS = 16  # end-token ids a run can have
+
+
+@dataclass(frozen=True)
+class FusedLayer:
+    """A decoder layer's weights for decoding, with the q/k/v and the gate/up projections concatenated (one
+    matrix product each). A snapshot taken when the engine is built: later changes to the model do not reach
+    it."""
+
+    input_norm: Tensor
+    qkv: Tensor
+    out: Tensor
+    post_norm: Tensor
+    gate_up: Tensor
+    down: Tensor
+
+    @classmethod
+    def of(cls, layer: DecoderLayer) -> FusedLayer:
+        a, m = layer.self_attn, layer.mlp
+        with torch.no_grad():
+            return cls(layer.input_layernorm.weight.detach(),
+                       torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                       a.o_proj.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                       torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight.detach())
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.input_norm, self.qkv, self.out, self.post_norm, self.gate_up, self.down
+
+
+def decode_layer(x: Tensor, weights: tuple[Tensor, ...], cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
+                 tables: Tensor, counts: Tensor, write_at: Tensor, write: Tensor, read_at: Tensor, extra: Tensor,
+                 eps: float, heads: int, kv_heads: int, kernel: bool, width: int) -> Tensor:
+    """One decoder layer (the computation of :class:`mor.model.layers.DecoderLayer`) on one token per row of ``x``
+    [N, d]: the token's key/value is appended to pair ``write_at`` of the flat block ``tables`` where ``write``,
+    then it attends to pair ``read_at`` (``extra``: plus that entry, written but not yet counted)."""
+    norm1, qkv, out, norm2, gate_up, down = weights
+    n = x.shape[0]
+    dim = qkv.shape[0] // (heads + 2 * kv_heads)
+    q, k, v = (rms_norm(x, norm1, eps) @ qkv.T).split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    q = apply_rotary(q.reshape(n, heads, dim), cos, sin)
+    k = apply_rotary(k.reshape(n, kv_heads, dim), cos, sin)
+    page_size, trash, spare = keys.shape[2], keys.shape[0] - 1, tables.shape[1] - 1
+    index = counts[write_at]
+    page = torch.where(write, tables[write_at, (index // page_size).clamp(max=spare)], trash)
+    keys[page, :, index % page_size] = k.to(keys.dtype)
+    values[page, :, index % page_size] = v.reshape(n, kv_heads, dim).to(values.dtype)
+    if kernel:
+        attended = paged_decode_attention(q, keys, values, tables, counts, read_at, extra)
+    else:
+        attended = gathered_attention(q, keys, values, tables, counts, read_at, extra, width)
+    x = x + attended.reshape(n, heads * dim) @ out.T
+    gate, up = (rms_norm(x, norm2, eps) @ gate_up.T).chunk(2, -1)
+    return x + swiglu(gate, up) @ down.T
+
+
+@dataclass
+class Window:
+    """A window of iterations launched on the device; its status arrives in ``host`` once ``done`` fires."""
+
+    size: int
+    host: Tensor
+    done: torch.cuda.Event | None
+
+
+@dataclass
+class WindowStatus:
+    """What the host learns after a window: every sampled token in order (row, token, depth), each row's phase,
+    the entry counts [streams, rows] and the free pages."""
+
+    rows: np.ndarray
+    tokens: np.ndarray
+    depths: np.ndarray
+    phase: np.ndarray
+    counts: np.ndarray
+    free_pages: int
+
+
+class Runner:
+    """Device state and decoding iterations for a ``MoRForCausalLM`` (any variant); driven by the engine."""
+
+    def __init__(self, model: nn.Module, rows: int, block_slots: int, tail_slots: int, max_seq_len: int,
+                 page_size: int, num_pages: int | None, max_recursions: int | None, extra_recursions: int,
+                 window_sizes: tuple[int, ...], cuda_graphs: bool, compile: bool, kernel: bool) -> None:
+        cfg, inner = model.config, model.model
+        self.model, self.config = model, cfg
+        weight = model.lm_head.weight
+        device, dtype = weight.device, weight.dtype
+        self.device = device
+        self.rows, self.idle = rows, rows
+        self.block_slots, self.tail_slots = min(block_slots, rows), min(tail_slots, rows)
+        self.window_sizes = tuple(sorted(window_sizes))
+        self.cuda_graphs, self.kernel = cuda_graphs, kernel and kernel_available(device)
+
+        steps = inner.plan.steps
+        if max_recursions is not None and cfg.sharing in ("cycle", "middle_cycle"):
+            steps = steps[:max_recursions]
+        self.steps = steps + inner.extra_steps(extra_recursions)
+        # Depth reported per block pass: a sequence-shared block repeats each layer Nr times in one pass.
+        self.depth_unit = 1 if cfg.sharing in ("none", "cycle", "middle_cycle") else cfg.num_recursions
+        self.cache = PagedCache.for_model(model, rows, max_seq_len, page_size, num_pages, extra_recursions)
+        self.pool, self.pages = self.cache.pool, self.cache.pages
+        stream = self.cache.stream
+
+        # Per (step, block layer): whether the position stores keys/values, the stream it writes and the one it
+        # reads, and whether that read stream already holds this pass's entry uncounted (written by this layer or
+        # an earlier one of the same step, as sequence sharing with shared keys/values does).
+        writes = [[inner.kv_position(p) == p for p in step] for step in self.steps]
+        write_stream = [[stream.get(p, 0) for p in step] for step in self.steps]
+        read_stream = [[stream[inner.kv_position(p)] for p in step] for step in self.steps]
+        pending = [[any(w[i] and ws[i] == rs[j] for i in range(j + 1)) for j in range(len(rs))]
+                   for w, ws, rs in zip(writes, write_stream, read_stream)]
+        self.writes = torch.tensor(writes, dtype=torch.bool, device=device)
+        self.write_stream = torch.tensor(write_stream, dtype=torch.long, device=device)
+        self.read_stream = torch.tensor(read_stream, dtype=torch.long, device=device)
+        self.pending = torch.tensor(pending, dtype=torch.bool, device=device)
+
+        fused: dict[int, FusedLayer] = {}
+
+        def weights_of(position: int) -> tuple[Tensor, ...]:
+            layer = inner.unrolled_layer(position)
+            return fused.setdefault(id(layer), FusedLayer.of(layer)).tensors()
+
+        self.block = [weights_of(p) for p in self.steps[0]]
+        self.prelude = [(weights_of(p), stream[p]) for p in inner.plan.prelude]
+        self.coda = [(weights_of(p), stream[p]) for p in inner.plan.coda]
+        self.layer_args = dict(eps=cfg.rms_norm_eps, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+                               kernel=self.kernel, width=self.pool.max_pages)
+
+        n = rows + 1
+        self.hidden = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=device)
+        self.first = torch.zeros_like(self.hidden)  # token-choice: H^1, the block's input
+        self.gate = torch.zeros(n, device=device)
+        longs = dict(dtype=torch.long, device=device)
+        self.target = torch.zeros(n, **longs)  # token-choice depth
+        self.position = torch.zeros(n, **longs)
+        self.step = torch.zeros(n, **longs)  # block steps the row's token has run
+        self.phase = torch.full((n,), FREE, **longs)
+        self.age = torch.zeros(n, **longs)  # iteration at which the row entered its phase
+        self.remaining = torch.zeros(n, **longs)  # tokens still to sample
+        self.token = torch.zeros(n, **longs)  # ENTER: the token to enter
+        self.sampled = torch.zeros(n, **longs)  # tokens sampled so far (the noise counter)
+        self.temperature = torch.zeros(n, device=device)
+        self.top_k = torch.zeros(n, **longs)
+        self.top_p = torch.ones(n, device=device)
+        self.seed = torch.zeros(n, **longs)
+        self.eos = torch.full((MAX_EOS,), -1, **longs)
+        self.clock = torch.zeros((), **longs)
+        self.counters = torch.zeros(3, **longs)  # block tokens, sampled tokens, iterations
+
+        # The status buffer: the token log of a window, then phases, counts and pool scalars.
+        streams = self.pool.num_streams
+        kmax, t = self.window_sizes[-1], self.tail_slots
+        sizes = [kmax * 3 * t, rows, streams * rows, 2]
+        self.status = torch.zeros(sum(sizes), **longs)
+        log, phase, counts, scalars = self.status.split(sizes)
+        self._log, self._status_phase = log.view(kmax, 3, t), phase
+        self._status_counts, self._status_scalars = counts.view(streams, rows), scalars
+
+        expert = inner.expert
+        self.full_capacity = None if expert is None else torch.tensor(expert.full_capacity(), device=device)
+        self.prelude_streams = torch.tensor([s for _, s in self.prelude], dtype=torch.long, device=device)
+        self.coda_streams = torch.tensor([s for _, s in self.coda], dtype=torch.long, device=device)
+
+        # Everything between the layers is a handful of compiled functions (each a few fused kernels); the layers
+        # share one compiled function. Sizes are dynamic, so engines of other batch sizes reuse the compilation.
+        compiled = (lambda fn: torch.compile(fn, dynamic=True, fullgraph=True)) if compile else (lambda fn: fn)
+        self._layer = compiled(decode_layer)
+        self._ensure_room = compiled(self._ensure_room_eager)
+        self._block_inputs = compiled(self._block_inputs_eager)
+        self._route = compiled(self._route_eager)
+        self._tail_inputs = compiled(self._tail_inputs_eager)
+        self._sample = compiled(self._sample_eager)
+        self._enter = compiled(self._enter_eager)
+        self._graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self._pinned: list[Tensor] = []
+
+    # ------------------------------------------------------------------ host API
+    def set_eos(self, ids: list[int]) -> None:
+        if len(ids) > MAX_EOS:
+            raise ValueError(f"at most {MAX_EOS} end-token ids, got {len(ids)}")
+        self.eos.fill_(-1)
+        self.eos[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+
+    @torch.no_grad()
+    def prefill(self, row: int, tokens: list[int], max_recursions: int | None, extra_recursions: int) -> None:
+        """Run ``tokens`` through the model's causal forward into ``row``'s streams (a prompt but its last token)."""
+        ids = torch.tensor([tokens], device=self.device)
+        self.model(ids, routing="causal", cache=self.cache.view([row]), max_recursions=max_recursions,
+                   extra_recursions=extra_recursions)
+
+    def enter(self, rows: list[int], tokens: list[int], positions: list[int], remaining: list[int],
+              sampled: list[int], temperature: list[float], top_k: list[int], top_p: list[float],
+              seeds: list[int]) -> None:
+        """Queue each row's ``tokens`` (at ``positions``) for the entry at the next tail stage."""
+        longs = torch.tensor([rows, tokens, positions, remaining, sampled, top_k, seeds], dtype=torch.long)
+        floats = torch.tensor([temperature, top_p], dtype=torch.float32)
+        longs, floats = longs.to(self.device, non_blocking=True), floats.to(self.device, non_blocking=True)
+        index = longs[0]
+        self.token[index], self.position[index], self.remaining[index] = longs[1], longs[2], longs[3]
+        self.sampled[index], self.top_k[index], self.seed[index] = longs[4], longs[5], longs[6]
+        self.temperature[index], self.top_p[index] = floats[0], floats[1]
+        self.step[index] = 0
+        self.phase[index] = ENTER
+        self.age[index] = self.clock
+
+    def finish(self, rows: list[int]) -> None:
+        """Stop the rows' requests (cancelled from the host): they go idle until released."""
+        self.phase[torch.tensor(rows, device=self.device)] = DONE
+
+    def release(self, rows: list[int]) -> None:
+        """Free the rows and their pages for new requests."""
+        index = torch.tensor(rows, device=self.device)
+        self.pool.release(index)
+        self.phase[index] = FREE
+
+    def launch(self, size: int, mode: str) -> Window:
+        """Run a window of ``size`` iterations (a CUDA graph replay when enabled) and start copying its status to
+        the host."""
+        if size not in self.window_sizes or mode not in SAMPLING_MODES:
+            raise ValueError(f"no window of {size} iterations in mode {mode!r}")
+        if self.cuda_graphs:
+            self._graphs[(size, mode)].replay()
+        else:
+            self._window(size, mode)
+        if self.device.type != "cuda":
+            return Window(size, self.status.clone(), None)
+        if not self._pinned:
+            self._pinned = [torch.empty_like(self.status, device="cpu").pin_memory() for _ in range(2)]
+        host = self._pinned.pop()
+        host.copy_(self.status, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Window(size, host, done)
+
+    def collect(self, window: Window) -> WindowStatus:
+        """Wait for a window and read its status."""
+        if window.done is not None:
+            window.done.synchronize()
+        status = window.host.numpy().copy()
+        if window.done is not None:
+            self._pinned.append(window.host)
+        rows, streams, t = self.rows, self.pool.num_streams, self.tail_slots
+        kmax = self.window_sizes[-1]
+        log = status[: kmax * 3 * t].reshape(kmax, 3, t)[: window.size]
+        rest = status[kmax * 3 * t:]
+        top, overflow = rest[-2:]
+        if overflow:
+            raise RuntimeError("the KV page pool ran dry inside a decoding window; this is a bug in the engine's "
+                               "page budget")
+        order = log[:, 0].flatten() >= 0
+        return WindowStatus(log[:, 0].flatten()[order], log[:, 1].flatten()[order], log[:, 2].flatten()[order],
+                            rest[:rows], rest[rows: rows + streams * rows].reshape(streams, rows), int(top))
+
+    def capture(self, modes: tuple[str, ...]) -> None:
+        """Compile and capture the CUDA graph of every window size in ``modes`` (the engine calls this while no
+        request is in flight: warming up runs windows on idle rows, which changes nothing)."""
+        if not self.cuda_graphs:
+            return
+        for mode in modes:
+            missing = [k for k in self.window_sizes if (k, mode) not in self._graphs]
+            if not missing:
+                continue
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile, then run once more as compiled
+                    self._window(1, mode)
+            torch.cuda.current_stream().wait_stream(stream)
+            for size in missing:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._graph_pool):
+                    self._window(size, mode)
+                self._graphs[(size, mode)] = graph
+        self.counters.zero_()
+
+    def statistics(self) -> dict[str, int]:
+        """Device counters (one synchronisation)."""
+        block_tokens, sampled, iterations = self.counters.tolist()
+        return dict(block_tokens=block_tokens, sampled=sampled, iterations=iterations,
+                    peak_pages=int(self.pool.peak), appended=self.pool.appended.tolist())
+
+    def reset_statistics(self) -> None:
+        self.counters.zero_()
+        self.pool.reset_accounting()
+
+    # ------------------------------------------------------------------ one window (device)
+    def _window(self, size: int, mode: str) -> None:
+        for i in range(size):
+            self._ensure_room()
+            self._block_stage()
+            self._tail_stage(self._log[i], mode)
+        self._status_phase.copy_(self.phase[: self.rows])
+        self._status_counts.copy_(self.pool.counts[:, : self.rows])
+        self._status_scalars.copy_(torch.stack([self.pool.top, self.pool.overflow.long()]))
+
+    def _ensure_room_eager(self) -> None:
+        active = (self.phase == BLOCK) | (self.phase == EXIT) | (self.phase == ENTER)
+        self.pool.ensure_room(active)
+        self.clock += 1
+        self.counters[2] += 1
+
+    def _rows(self, candidates: Tensor, slots: int) -> tuple[Tensor, Tensor]:
+        """Rows for a stage of ``slots`` slots: every row when there are as many slots, else the oldest
+        candidates (idle-padded); and which slots hold a candidate."""
+        if slots >= self.rows:
+            return torch.arange(self.rows, device=candidates.device), candidates[: self.rows]
+        key = torch.where(candidates, -self.age.double(), -math.inf)
+        best = key.topk(slots).indices
+        real = candidates[best]
+        return torch.where(real, best, self.idle), real
+
+    def _run_layers(self, x: Tensor, weights: list[tuple[Tensor, ...]], cos: Tensor, sin: Tensor, write_at: Tensor,
+                    writes: Tensor, read_at: Tensor, extra: Tensor) -> Tensor:
+        pool, pages = self.pool, self.pages
+        for j, w in enumerate(weights):
+            x = self._layer(x, w, cos, sin, pages.keys, pages.values, pool.flat_tables, pool.flat_counts,
+                            write_at[:, j], writes[:, j], read_at[:, j], extra[:, j], **self.layer_args)
+        return x
+
+    def _count(self, streams: Tensor, rows: Tensor, writes: Tensor) -> None:
+        """Count a stage's writes [n, J] at once (one scatter, not one per layer)."""
+        self.pool.count(streams.flatten(), rows[:, None].expand_as(streams).flatten(), writes.flatten().long())
+
+    # block stage: the shared block once, at each token's own depth, then routing
+    def _block_stage(self) -> None:
+        rows, real, h, cos, sin, step, write_stream, writes, write_at, read_at, pending = self._block_inputs()
+        out = self._run_layers(h, self.block, cos, sin, write_at, writes, read_at, pending)
+        self._route(rows, real, step, h, out, write_stream, writes)
+
+    def _block_inputs_eager(self) -> tuple[Tensor, ...]:
+        rows, real = self._rows(self.phase == BLOCK, self.block_slots)
+        step = self.step[rows].clamp(max=len(self.steps) - 1)
+        h = self.hidden[rows]
+        cos, sin = self.model.model.rotary(self.position[rows], h.dtype)
+        write_stream, read_stream = self.write_stream[step], self.read_stream[step]
+        writes = self.writes[step] & real[:, None]
+        pending = self.pending[step] & real[:, None]
+        write_at = self.pool.pair_index(write_stream, rows[:, None])
+        read_at = self.pool.pair_index(read_stream, rows[:, None])
+        self.counters[0] += real.sum()
+        return rows, real, h, cos, sin, step, write_stream, writes, write_at, read_at, pending
+
+    def _route_eager(self, rows: Tensor, real: Tensor, step: Tensor, h: Tensor, out: Tensor, write_stream: Tensor,
+                     writes: Tensor) -> None:
+        """After a block step: count its entries, then each token's new hidden state and decision (next depth or
+        exit), by the rules of :mod:`mor.model.routing`."""
+        self._count(write_stream, rows, writes)
+        inner = self.model.model
+        step = step + 1
+        gate = self.gate[rows]
+        if inner.expert is not None:
+            new = h + inner.expert.gated_update(gate, out).to(h.dtype)
+            router = step.clamp(max=self.config.num_recursions - 1)  # extra recursions reuse the last router
+            go, gate = inner.expert.causal_decision(router, new, self.full_capacity)
+            go = go & (step < len(self.steps))
+        elif inner.token is not None:
+            target = self.target[rows]
+            new = inner.token.step_output(self.first[rows], out, gate, step == target)
+            go = step < target
+        else:
+            new, go = out, step < len(self.steps)
+        self.hidden[rows] = torch.where(real[:, None], new, h)
+        self.gate[rows] = torch.where(real, gate, self.gate[rows])
+        self.step[rows] = torch.where(real, step, self.step[rows])
+        self.phase[rows] = torch.where(real, torch.where(go, BLOCK, EXIT), self.phase[rows])
+        self.age[rows] = torch.where(real & ~go, self.clock, self.age[rows])
+
+    # tail stage: coda, head and sampling of exited tokens, then the entry of the next ones
+    def _tail_stage(self, log: Tensor, mode: str) -> None:
+        rows, real, exiting, h, cos, sin, at = self._tail_inputs()
+        h = self._run_unique(h, self.coda, cos, sin, at, exiting)
+        x, cos, sin, at, position, entering, finished = self._sample(rows, real, exiting, h, at, log, mode)
+        h = self._run_unique(x, self.prelude, cos, sin, at, entering)
+        self._enter(rows, real, entering, finished, h, position, at)
+
+    def _run_unique(self, x: Tensor, layers: list[tuple[tuple[Tensor, ...], int]], cos: Tensor, sin: Tensor,
+                    at: Tensor, writes: Tensor) -> Tensor:
+        """The prelude or coda positions; each writes its own stream and reads it, this entry included."""
+        for j, (w, _) in enumerate(layers):
+            x = self._layer(x, w, cos, sin, self.pages.keys, self.pages.values, self.pool.flat_tables,
+                            self.pool.flat_counts, at[:, j], writes, at[:, j], writes, **self.layer_args)
+        return x
+
+    def _tail_inputs_eager(self) -> tuple[Tensor, ...]:
+        rows, real = self._rows((self.phase == EXIT) | (self.phase == ENTER), self.tail_slots)
+        exiting = real & (self.phase[rows] == EXIT)
+        cos, sin = self.model.model.rotary(self.position[rows], self.hidden.dtype)
+        at = self.pool.pair_index(self.coda_streams[None, :], rows[:, None])
+        return rows, real, exiting, self.hidden[rows], cos, sin, at
+
+    def _sample_eager(self, rows: Tensor, real: Tensor, exiting: Tensor, h: Tensor, coda_at: Tensor, log: Tensor,
+                      mode: str) -> tuple[Tensor, ...]:
+        """Count the coda's entries; sample, log the tokens and decide which requests are done; the embedded
+        tokens to enter, with their rotary angles and prelude pairs."""
+        self._count(self.coda_streams.expand(rows.shape[0], -1), rows, exiting[:, None].expand_as(coda_at))
+        logits = self.model.lm_head(self.model.model.norm(h))
+        token = sample_rows(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], self.seed[rows],
+                            self.sampled[rows], mode)
+        token = torch.where(exiting, token, self.token[rows])
+        log.copy_(torch.stack([torch.where(exiting, rows, -1), token, self.step[rows] * self.depth_unit]))
+        remaining = self.remaining[rows] - exiting.long()
+        self.remaining[rows] = torch.where(real, remaining, self.remaining[rows])
+        self.sampled[rows] = self.sampled[rows] + exiting.long()
+        self.counters[1] += exiting.sum()
+        finished = exiting & ((remaining <= 0) | (token[:, None] == self.eos).any(1))
+        entering = real & ~finished
+        position = self.position[rows] + exiting.long()
+        x = self.model.model.embed_tokens(token)
+        cos, sin = self.model.model.rotary(position, x.dtype)
+        at = self.pool.pair_index(self.prelude_streams[None, :], rows[:, None])
+        return x, cos, sin, at, position, entering, finished
+
+    def _enter_eager(self, rows: Tensor, real: Tensor, entering: Tensor, finished: Tensor, h: Tensor,
+                     position: Tensor, prelude_at: Tensor) -> None:
+        """Count the prelude's entries; the first routing decision of each entered token (depth 0 exits at
+        once) and its new state."""
+        self._count(self.prelude_streams.expand(rows.shape[0], -1), rows, entering[:, None].expand_as(prelude_at))
+        inner = self.model.model
+        go = torch.ones_like(entering)
+        gate = self.gate[rows]
+        if inner.expert is not None:
+            go, gate = inner.expert.causal_decision(torch.zeros_like(rows), h, self.full_capacity)
+        elif inner.token is not None:
+            depth, gate = inner.token.assign(h[None], None, RoutingResult())
+            target = inner.token.widen(depth[0], len(self.steps))
+            self.target[rows] = torch.where(entering, target, self.target[rows])
+            self.first[rows] = torch.where(entering[:, None], h, self.first[rows])
+            gate = gate[0]
+        self.hidden[rows] = torch.where(entering[:, None], h, self.hidden[rows])
+        self.gate[rows] = torch.where(entering, gate, self.gate[rows])
+        self.position[rows] = torch.where(entering, position, self.position[rows])
+        self.step[rows] = torch.where(entering, 0, self.step[rows])
+        new_phase = torch.where(finished, DONE, torch.where(go, BLOCK, EXIT))
+        self.phase[rows] = torch.where(real, new_phase, self.phase[rows])
+        self.age[rows] = torch.where(real, self.clock, self.age[rows])
