@@ -22,12 +22,21 @@ random model's hidden states stay varied. The output says which applies and repo
     python benchmarks/decode_throughput.py --device cpu --quick        # tiny shapes, seconds (smoke test)
 
 Timing covers the whole serving loop (scheduling, KV page management, sampling), after a warm-up run that also
-captures the CUDA graphs; the paper timed the forward passes only.
+captures the CUDA graphs; the paper timed the forward passes only. Beside each row the benchmark prints a roofline
+step time: the weights every iteration must read, plus the keys/values its tokens attend to, over the memory
+bandwidth, plus the useful matrix work over the matrix rate (``--bandwidth``, ``--matmul-rate``: an H200's
+measured copy bandwidth and bf16 matrix rate by default).
+
+``--ablate`` runs each routed model again with one source of its speed switched off: ``lockstep`` (no depth-wise
+batching: a batch's tokens leave the block together), ``full-depth`` (every token runs every recursion: no fewer
+layer passes, no smaller KV reads), ``gather`` (attention over a padded gather of the pages instead of the paged
+kernel), ``eager`` (no CUDA graphs, no compilation).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -53,6 +62,7 @@ MODELS = {
     "recursive-3": dict(sharing="middle_cycle", num_recursions=3),
 }
 DEFAULT_MODELS = ["vanilla", "mor-2", "mor-3", "mor-4", "mor-3-share"]
+ABLATIONS = ("lockstep", "full-depth", "gather", "eager")
 QUICK_MODELS = ["vanilla", "mor-3", "mor-3-share"]
 
 
@@ -84,9 +94,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", default="32,max", help="comma-separated batch sizes and/or 'max'")
     parser.add_argument("--base-batch", type=int, default=32, help="vanilla batch that defines 'max'")
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--window", type=int, default=8, help="iterations per host round trip at most")
+    parser.add_argument("--tail-slots", default=None,
+                        help="tokens sampled per iteration at most: a number, or 'depth' for 1.25 x batch / the "
+                             "expected mean depth (default: the batch)")
+    parser.add_argument("--ablate", default="", help=f"comma-separated of {', '.join(ABLATIONS)}")
+    parser.add_argument("--bandwidth", type=float, default=4.3e12, help="memory bandwidth, bytes/s (roofline)")
+    parser.add_argument("--matmul-rate", type=float, default=7.9e14, help="matrix FLOP/s (roofline)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="run the engine eagerly on CUDA")
     parser.add_argument("--no-compile", action="store_true", help="do not fuse the engine's layers with "
                                                                    "torch.compile (CUDA graphs only)")
+    parser.add_argument("--no-kernel", action="store_true", help="attention over a padded gather of the pages")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers generate baseline")
     parser.add_argument("--hf-requests", type=int, default=None,
                         help="requests for the transformers baseline (default 4 batches' worth)")
@@ -214,42 +232,129 @@ def generation_lengths(n: int, mean: float, std: float, seed: int) -> list[int]:
     return lengths.clamp(1, 2 * mean).long().tolist()
 
 
-def run_engine(model: MoRForCausalLM, lengths: list[int], batch: int, args: argparse.Namespace) -> dict:
+def expected_depth(config: MoRConfig) -> float:
+    """Mean block passes per token the routers are meant to give (capacities; balanced token-choice)."""
+    if config.router == "expert":
+        return sum(config.step_capacities)
+    return (config.num_recursions + 1) / 2 if config.router == "token" else 1.0
+
+
+def tail_slots(setting: str | None, config: MoRConfig, batch: int) -> int | None:
+    if setting is None:
+        return None
+    if setting == "depth":
+        return min(batch, math.ceil(1.25 * batch / expected_depth(config)))
+    return int(setting)
+
+
+def run_engine(model: MoRForCausalLM, lengths: list[int], batch: int, args: argparse.Namespace,
+               ablation: str | None = None) -> dict:
     cuda = args.device.startswith("cuda")
     start_token = model.config.bos_token_id if model.config.bos_token_id is not None else \
         (model.config.eos_token_id or 0)
-    graphs = cuda and not args.no_cuda_graphs
+    eager = ablation == "eager"
+    graphs = cuda and not args.no_cuda_graphs and not eager
     torch.compiler.reset()  # each engine compiles afresh (its graphs are captured below and never recompiled)
-    engine = Engine(model, max_batch_slots=batch, max_seq_len=1 + max(lengths), page_size=args.page_size,
-                    cuda_graphs=graphs, compile=graphs and not args.no_compile)
-    warmup = time.perf_counter()
-    if engine.cuda_graphs:
-        engine.capture_graphs()
-    engine.generate([[start_token]] * (2 * batch), [min(16, max(lengths))] * (2 * batch), do_sample=True,
-                    seed=args.seed)
-    warmup = time.perf_counter() - warmup
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    out = engine.generate([[start_token]] * len(lengths), lengths, do_sample=True, temperature=1.0,
-                          seed=args.seed, progress=True)
+    threshold = model.config.causal_threshold
+    if ablation == "full-depth":
+        model.config.causal_threshold = 1e-30  # every router says continue
+    try:
+        engine = Engine(model, max_batch_slots=batch, max_seq_len=1 + max(lengths), page_size=args.page_size,
+                        cuda_graphs=graphs, compile=graphs and not args.no_compile,
+                        kernel=not args.no_kernel and ablation != "gather", window=args.window,
+                        tail_slots=tail_slots(args.tail_slots, model.config, batch), lockstep=ablation == "lockstep")
+        warmup = time.perf_counter()
+        engine.generate([[start_token]] * (2 * batch), [min(16, max(lengths))] * (2 * batch), do_sample=True,
+                        seed=args.seed)
+        warmup = time.perf_counter() - warmup
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with GpuBusy(engine) as busy:
+            out = engine.generate([[start_token]] * len(lengths), lengths, do_sample=True, temperature=1.0,
+                                  seed=args.seed, progress=True)
+    finally:
+        model.config.causal_threshold = threshold
     s = out.stats
     ttft = sorted(r.time_to_first_token for r in out.results)
     depths = sum((d * c for d, c in s.depth_histogram.items()), 0) / max(s.tokens, 1)
+    roof = roofline(model, engine, out, args)
     record = dict(
         batch=batch, tokens=s.tokens, seconds=s.seconds, tokens_per_s=s.tokens_per_second,
         mean_depth=depths, depth_histogram={str(k): v for k, v in s.depth_histogram.items()},
-        block_occupancy=s.block_occupancy, block_steps=s.block_steps, tail_steps=s.tail_steps,
-        mean_tail_batch=s.mean_tail_batch, preemptions=s.preemptions,
+        block_occupancy=s.block_occupancy, iterations=s.iterations, windows=s.windows,
+        mean_tail_batch=s.mean_tail_batch, tail_slots=engine.runner.tail_slots, preemptions=s.preemptions,
+        step_ms=1e3 * s.seconds / max(s.iterations, 1), roofline_step_ms=1e3 * roof / max(s.iterations, 1),
         ttft_median_s=ttft[len(ttft) // 2], kv_bytes_per_token=s.kv_bytes_per_token,
         kv_block_ratio=s.kv_block_ratio, kv_model_ratio=s.kv_model_ratio,
         kv_block_ratio_target=block_ratio_target(model.config), kv_peak_bytes=s.kv_peak_bytes,
         kv_pool_bytes=s.kv_allocated_bytes, warmup_s=warmup, cuda_graphs=engine.cuda_graphs,
-        compiled=engine.compiled,
+        compiled=engine.compiled, paged_kernel=engine.runner.kernel, window=args.window,
     )
+    if busy.seconds is not None:
+        record["gpu_busy"] = busy.seconds / s.seconds
+    if ablation:
+        record["ablation"] = ablation
     if cuda:
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return record
+
+
+class GpuBusy:
+    """Device time of the engine's windows (CUDA events around each launch), to compare with the wall time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.runner = engine.runner
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.seconds: float | None = None
+
+    def __enter__(self) -> "GpuBusy":
+        if self.runner.device.type != "cuda":
+            return self
+        launch = self.runner.launch
+
+        def timed(size: int, mode: str):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            window = launch(size, mode)
+            end.record()
+            self.events.append((begin, end))
+            return window
+
+        self.runner.launch = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.runner.device.type != "cuda":
+            return
+        del self.runner.launch  # back to the class's method
+        torch.cuda.synchronize()
+        self.seconds = sum(begin.elapsed_time(end) for begin, end in self.events) / 1e3
+
+
+def roofline(model: MoRForCausalLM, engine: Engine, out, args: argparse.Namespace) -> float:
+    """Seconds the run needs at least: every iteration reads the weights it runs (block, unique layers, head) once,
+    every token reads the keys/values it attends to, and the useful matrix products run at the matrix rate."""
+    cfg, plan = model.config, model.model.plan
+    size = model.lm_head.weight.element_size()
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    block, unique = len(engine.runner.steps[0]), len(plan.prelude) + len(plan.coda)
+    head = cfg.vocab_size * cfg.hidden_size
+    weights = ((block + unique) * layer + head) * size
+    share = cfg.kv_cache == "share"
+    entries = 0  # keys/values attended to, over every layer
+    for result in out.results:
+        reached = [0] * (max(result.depths, default=0) + 1)  # tokens so far that reached each depth
+        for t, depth in enumerate(result.depths):
+            for r in range(1, depth + 1):
+                reached[r] += 1
+                entries += block * ((t + 1) if share else reached[r])
+            entries += unique * (t + 1)
+    entry = 2 * cfg.num_key_value_heads * cfg.head_dim * size
+    passes = sum(sum(r.depths) for r in out.results)
+    tokens = out.stats.tokens
+    flops = 2 * (passes * block * layer + tokens * (unique * layer + head))
+    return (out.stats.iterations * weights + entries * entry) / args.bandwidth + flops / args.matmul_rate
 
 
 def hf_llama(model: MoRForCausalLM) -> torch.nn.Module:
@@ -283,8 +388,10 @@ def run_hf(model: MoRForCausalLM, lengths: list[int], batch: int, args: argparse
     lengths = lengths[:count // batch * batch]  # whole batches: one cache shape
     cache = StaticCache(config=hf.config, max_cache_len=1 + max(lengths))
     # min_new_tokens = max_new_tokens: every request runs to its length, as in the engine.
-    common = dict(do_sample=True, temperature=1.0, top_k=0, past_key_values=cache,
-                  pad_token_id=model.config.pad_token_id or 0)
+    # Newer transformers name the cache argument ``cache`` (``past_key_values`` is deprecated there).
+    cache_argument = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    common = {"do_sample": True, "temperature": 1.0, "top_k": 0, cache_argument: cache,
+              "pad_token_id": model.config.pad_token_id or 0}
 
     def generate(rows: int, new: int) -> None:
         cache.reset()
@@ -324,24 +431,25 @@ def normalise(records: list[dict]) -> None:
         if "tokens_per_s" not in r or r["model"].startswith("hf-"):
             continue
         peer = next((p for p in records if p["shape"] == r["shape"] and p["model"] == r["peer"]
-                     and p["batch_size"] == r["batch_size"] and "tokens_per_s" in p), None)
+                     and p["batch_size"] == r["batch_size"] and "tokens_per_s" in p and "ablation" not in p), None)
         if peer:
             r["speedup"] = r["tokens_per_s"] / peer["tokens_per_s"]
 
 
 def print_table(records: list[dict]) -> None:
-    header = (f"{'shape':<6} {'model':<14} {'batch':<8} {'B':>4} {'tok/s':>10} {'speedup':>8} {'depth':>6} "
-              f"{'occup':>6} {'KV blk':>7} {'target':>7} {'KV B/tok':>9} {'TTFT s':>7}")
+    header = (f"{'shape':<6} {'model':<24} {'batch':<8} {'B':>4} {'tok/s':>10} {'speedup':>8} {'depth':>6} "
+              f"{'occup':>6} {'step ms':>8} {'roof ms':>8} {'KV blk':>7} {'target':>7} {'KV B/tok':>9}")
     print("\n" + header + "\n" + "-" * len(header))
     for r in records:
+        name = r["model"] + (f" -{r['ablation']}" if "ablation" in r else "")
         if "error" in r:
-            print(f"{r['shape']:<6} {r['model']:<14} {r.get('batch_size', ''):<8} error: {r['error'][:70]}")
+            print(f"{r['shape']:<6} {name:<24} {r.get('batch_size', ''):<8} error: {r['error'][:70]}")
             continue
-        print(f"{r['shape']:<6} {r['model']:<14} {r['batch_size']:<8} {r['batch']:>4} {r['tokens_per_s']:>10,.0f} "
+        print(f"{r['shape']:<6} {name:<24} {r['batch_size']:<8} {r['batch']:>4} {r['tokens_per_s']:>10,.0f} "
               f"{_fmt(r, 'speedup', '.2f'):>8} {_fmt(r, 'mean_depth', '.2f'):>6} "
-              f"{_fmt(r, 'block_occupancy', '.2f'):>6} {_fmt(r, 'kv_block_ratio', '.3f'):>7} "
-              f"{_fmt(r, 'kv_block_ratio_target', '.3f'):>7} {_fmt(r, 'kv_bytes_per_token', ',.0f'):>9} "
-              f"{_fmt(r, 'ttft_median_s', '.3f'):>7}")
+              f"{_fmt(r, 'block_occupancy', '.2f'):>6} {_fmt(r, 'step_ms', '.3f'):>8} "
+              f"{_fmt(r, 'roofline_step_ms', '.3f'):>8} {_fmt(r, 'kv_block_ratio', '.3f'):>7} "
+              f"{_fmt(r, 'kv_block_ratio_target', '.3f'):>7} {_fmt(r, 'kv_bytes_per_token', ',.0f'):>9}")
 
 
 def _fmt(record: dict, key: str, spec: str) -> str:
@@ -395,6 +503,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
             normalise(records)
             write_json(path, meta, records)
             print(json.dumps({k: v for k, v in record.items() if k != "depth_histogram"}), flush=True)
+            routed = model.config.router != "none"
+            for ablation in filter(None, args.ablate.split(",")):
+                if ablation not in ABLATIONS:
+                    raise SystemExit(f"unknown ablation {ablation!r}; choose from {', '.join(ABLATIONS)}")
+                if not routed and ablation in ("lockstep", "full-depth"):
+                    continue  # nothing to switch off without a router
+                ablated = dict(record_base, batch_size=setting)
+                try:
+                    ablated.update(run_engine(model, lengths, batch, args, ablation))
+                except Exception as error:
+                    traceback.print_exc()
+                    ablated.update(batch=batch, ablation=ablation, error=f"{type(error).__name__}: {error}")
+                records.append(ablated)
+                measured[batch].append(ablated)
+                normalise(records)
+                write_json(path, meta, records)
+                print(json.dumps({k: v for k, v in ablated.items() if k != "depth_histogram"}), flush=True)
             if spec.name == "vanilla" and not args.no_hf and "error" not in record:
                 hf_record = dict(shape=spec.shape, model="hf-static", peer="vanilla", batch_size=setting)
                 try:

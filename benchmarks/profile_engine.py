@@ -1,11 +1,12 @@
-"""Where the serving loop's time goes: host time per engine stage and the top GPU kernels of a short run.
+"""Where the serving loop's time goes: host time per part of a round trip, the device's busy share, and the top GPU
+kernels of a short run.
 
     python benchmarks/profile_engine.py --shape 135m --model vanilla --batch 128
-    python benchmarks/profile_engine.py --shape 360m --model mor-3 --batch 46 --no-compile
+    python benchmarks/profile_engine.py --shape 360m --model mor-3 --batch 512 --requests 1024 --mean-tokens 128
 
 Builds the model as ``decode_throughput.py`` does (calibrated routers for MoR), warms the engine up, then serves
-``--requests`` requests twice: once timing each stage on the host (wall time, synchronised), once under
-``torch.profiler`` to list the kernels that take the GPU's time.
+``--requests`` requests twice: once timing the host's parts of each round trip and the device time of each window
+(CUDA events), once under ``torch.profiler`` to list the kernels that take the GPU's time.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections import defaultdict
 
 import torch
-from decode_throughput import MODELS, SHAPES, Spec, build, generation_lengths
+from decode_throughput import MODELS, SHAPES, GpuBusy, Spec, build, generation_lengths
 
 from mor import MoRConfig
 from mor.infer.engine import Engine
@@ -28,7 +29,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--mean-tokens", type=float, default=64)
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--tail-slots", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-kernel", action="store_true")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--rows", type=int, default=25, help="rows of the kernel table")
     args = parser.parse_args()
@@ -40,16 +44,16 @@ def main() -> None:
     lengths = generation_lengths(args.requests, args.mean_tokens, args.mean_tokens / 8, 0)
     graphs = not args.no_cuda_graphs
     engine = Engine(model, max_batch_slots=args.batch, max_seq_len=1 + max(lengths), cuda_graphs=graphs,
-                    compile=graphs and not args.no_compile)
+                    compile=graphs and not args.no_compile, kernel=not args.no_kernel, window=args.window,
+                    tail_slots=args.tail_slots)
     start = [model.config.bos_token_id or 0]
-    if graphs:
-        engine.capture_graphs()
     engine.generate([start] * args.batch, 16, do_sample=True, seed=0)
 
     spent: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
-    for name in ("_admit", "_tail", "_block_step", "_make_room", "_call"):
-        original = getattr(engine, name)
+    for owner, name in ((engine, "_admit"), (engine, "_collect"), (engine.runner, "launch"),
+                        (engine.runner, "collect")):
+        original = getattr(owner, name)
 
         def timed(*a, _original=original, _name=name, **k):
             begin = time.perf_counter()
@@ -59,21 +63,25 @@ def main() -> None:
                 spent[_name] += time.perf_counter() - begin
                 calls[_name] += 1
 
-        setattr(engine, name, timed)
-    out = engine.generate([start] * len(lengths), lengths, do_sample=True, seed=0)
+        setattr(owner, name, timed)
+    with GpuBusy(engine) as busy:
+        out = engine.generate([start] * len(lengths), lengths, do_sample=True, seed=0)
     s = out.stats
-    print(f"{args.shape} {args.model} B={args.batch} compile={engine.compiled} graphs={graphs} ({source})")
-    print(f"{s.tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_second:,.0f} tok/s, {s.block_steps} block steps "
-          f"({1e3 * s.seconds / max(s.block_steps, 1):.2f} ms each), occupancy {s.block_occupancy:.2f}")
+    print(f"{args.shape} {args.model} B={args.batch} compile={engine.compiled} graphs={graphs} "
+          f"kernel={engine.runner.kernel} tail slots={engine.runner.tail_slots} ({source})")
+    print(f"{s.tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_second:,.0f} tok/s, {s.iterations} iterations "
+          f"({1e3 * s.seconds / max(s.iterations, 1):.3f} ms each) in {s.windows} windows, occupancy "
+          f"{s.block_occupancy:.2f}, {s.mean_tail_batch:.1f} tokens sampled per iteration")
+    print(f"GPU busy {busy.seconds:.2f} s of {s.seconds:.2f} s ({100 * busy.seconds / s.seconds:.0f}%)")
+    print("host time (collect waits for the device):")
     for name in spent:
-        print(f"  {name:<12} {calls[name]:>6} calls {1e3 * spent[name]:>9.1f} ms "
+        print(f"  {name:<10} {calls[name]:>6} calls {1e3 * spent[name]:>9.1f} ms "
               f"({1e3 * spent[name] / max(calls[name], 1):.3f} ms/call)")
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         engine.generate([start] * len(lengths), lengths, do_sample=True, seed=0)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":

@@ -42,17 +42,20 @@ def test_fewer_block_and_tail_slots_than_requests_pick_the_oldest_rows(variant):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("variant", ["vanilla", "recursive_cycle", "expert", "expert_share", "expert_aux_router",
-                                     "token", "token_share"])
-def test_cuda_graphs_generate_what_generate_does_on_the_gpu(variant):
+@pytest.mark.parametrize("variant", ["vanilla", "recursive_sequence_share", "expert", "expert_share",
+                                     "expert_aux_router", "token", "token_share"])
+def test_cuda_graphs_and_the_paged_kernel_generate_what_generate_does_on_the_gpu(variant):
     torch.compiler.reset()  # every variant compiles afresh, within dynamo's recompilation limit
     model = make(variant).cuda()
-    engine = Engine(model, max_batch_slots=4, max_seq_len=32, page_size=4, cuda_graphs=True)
-    engine.capture_graphs()
+    engine = Engine(model, max_batch_slots=3, max_requests=4, tail_slots=3, max_seq_len=32, page_size=4,
+                    cuda_graphs=True, window=4)
+    assert engine.runner.kernel and engine.compiled
     for _ in range(2):  # replaying the captured graphs a second time must not depend on the first run
         out = engine.generate(prompts(), NEW_TOKENS)
         assert_matches_generate(model, out, prompts(), NEW_TOKENS)
     assert engine.cache.pages_in_use() == 0
+    sampled = [engine.generate(prompts(), NEW_TOKENS, do_sample=True, top_p=0.8, seed=3) for _ in range(2)]
+    assert [r.tokens for r in sampled[0].results] == [r.tokens for r in sampled[1].results]
 
 
 def test_short_page_pool_preempts_and_recomputes_without_changing_tokens():
@@ -149,3 +152,54 @@ def test_engine_rejects_bad_requests_clearly():
     assert engine.generate([[1], [2]], [0, 3]).results[0].tokens == []
     with pytest.raises(ValueError, match="CUDA"):
         Engine(make("vanilla"), cuda_graphs=True)
+
+
+def test_a_requests_samples_depend_only_on_its_seed_not_on_its_batch_window_or_preemption():
+    model = make("token")
+    kwargs = dict(do_sample=True, temperature=1.3, seed=5)
+    alone = Engine(model, max_batch_slots=1, max_seq_len=32, page_size=4).generate(prompts()[:1], [9], **kwargs)
+    crowded = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4, window=1).generate(prompts(), 9, **kwargs)
+    tight = Engine(model, max_batch_slots=4, max_seq_len=24, page_size=2, num_pages=40)
+    squeezed = tight.generate(prompts(), 9, **kwargs)
+    assert squeezed.stats.preemptions > 0
+    assert alone.results[0].tokens == crowded.results[0].tokens == squeezed.results[0].tokens
+    assert [r.tokens for r in crowded.results] == [r.tokens for r in squeezed.results]
+    assert len({tuple(r.tokens) for r in crowded.results}) > 1
+
+
+def test_streaming_requests_report_tokens_as_they_come_and_a_cancelled_one_frees_its_pages():
+    model = make("expert")
+    engine = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4, window=2)
+    engine.prepare([], ("greedy",))
+    ids = [engine.add(p, n) for p, n in zip(prompts(), NEW_TOKENS)]
+    streamed: dict[int, list[int]] = {i: [] for i in ids}
+    reasons: dict[int, str] = {}
+    rounds = 0
+    while engine.busy:
+        for out in engine.step():
+            streamed[out.request] += out.tokens
+            if out.finish_reason:
+                reasons[out.request] = out.finish_reason
+        rounds += 1
+        if rounds == 3:
+            engine.cancel(ids[1])  # in flight by now
+    assert rounds > 4, "tokens should arrive over several round trips"
+    assert reasons == {i: "cancelled" if i == ids[1] else "length" for i in ids}
+    for i, (prompt, count) in enumerate(zip(prompts(), NEW_TOKENS)):
+        reference = model.generate(torch.tensor([prompt]), max_new_tokens=count).sequences()[0]
+        if i == 1:
+            assert len(streamed[i]) < count and streamed[i] == reference[: len(streamed[i])]
+        else:
+            assert streamed[i] == reference
+    assert engine.cache.pages_in_use() == 0
+
+
+def test_depth_wise_batching_can_be_switched_off_for_comparison():
+    # Lockstep: the block holds a batch's tokens until the deepest is done; the tokens are the same, the block
+    # runs emptier.
+    model = make("expert")
+    lengths = PROMPT_LENGTHS * 2
+    runs = [Engine(model, max_batch_slots=4, max_seq_len=32, page_size=4, lockstep=lockstep).generate(
+        prompts(lengths), 10) for lockstep in (False, True)]
+    assert [r.tokens for r in runs[0].results] == [r.tokens for r in runs[1].results]
+    assert runs[1].stats.block_occupancy < runs[0].stats.block_occupancy

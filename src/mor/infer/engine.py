@@ -104,14 +104,15 @@ class Engine:
     scaling, as ``generate``); ``window``: iterations the device runs between two host round trips at most;
     ``cuda_graphs``: one CUDA graph per window; ``compile``: fuse the layers and the code between them with
     ``torch.compile`` (default: with CUDA graphs); ``kernel``: paged attention by the Triton kernel rather than a
-    padded gather (default: on CUDA when Triton is there).
+    padded gather (default: on CUDA when Triton is there); ``lockstep``: switch depth-wise batching off, for
+    comparison (the tokens of the batch leave the block together, once the deepest is done).
     """
 
     def __init__(self, model: nn.Module, max_batch_slots: int = 32, max_seq_len: int | None = None,
                  page_size: int = 16, max_requests: int | None = None, num_pages: int | None = None,
                  max_recursions: int | None = None, extra_recursions: int = 0, tail_slots: int | None = None,
                  window: int = 8, cuda_graphs: bool = False, compile: bool | None = None,
-                 kernel: bool = True) -> None:
+                 kernel: bool = True, lockstep: bool = False) -> None:
         cfg = model.config
         if cfg.random_router:
             raise ValueError("random routers decide by chance; the engine needs a trained (or calibrated) router")
@@ -137,7 +138,7 @@ class Engine:
         sizes = tuple(sorted({2 ** i for i in range(int(math.log2(window)) + 1)} | {window}))
         self.runner = Runner(model, self.max_requests, max_batch_slots, tail_slots or self.max_requests,
                              self.max_seq_len, page_size, num_pages, max_recursions, extra_recursions, sizes,
-                             cuda_graphs, self.compiled, kernel)
+                             cuda_graphs, self.compiled, kernel, lockstep)
         self.cache = self.runner.cache
         pool = self.cache.pool
         self.scheduler = Scheduler(self.max_requests, pool.num_streams, page_size, pool.num_pages, sizes)

@@ -85,7 +85,7 @@ class PagePool:
         self.held[streams, rows] = held + need
         self.overflow |= total > self.top
         self.top -= total
-        torch.maximum(self.peak, self.num_pages - self.top, out=self.peak)
+        self.peak.copy_(torch.maximum(self.peak, self.num_pages - self.top))
 
     def ensure_room(self, active: Tensor) -> None:
         """Give every stream of every ``active`` row [num_rows + 1] room for one more entry: the engine calls this

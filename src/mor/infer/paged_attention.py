@@ -62,7 +62,7 @@ if triton is not None:
         row = tl.program_id(0)
         head = tl.program_id(1)  # key/value head; its GROUP query heads are computed together
         table = tl.load(index_ptr + row)
-        length = tl.load(counts_ptr + table) + tl.load(extra_ptr + row)
+        length = tl.load(counts_ptr + table) + tl.load(extra_ptr + row).to(tl.int64)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, DIM)
         in_group = g < GROUP

@@ -121,7 +121,8 @@ class Runner:
 
     def __init__(self, model: nn.Module, rows: int, block_slots: int, tail_slots: int, max_seq_len: int,
                  page_size: int, num_pages: int | None, max_recursions: int | None, extra_recursions: int,
-                 window_sizes: tuple[int, ...], cuda_graphs: bool, compile: bool, kernel: bool) -> None:
+                 window_sizes: tuple[int, ...], cuda_graphs: bool, compile: bool, kernel: bool,
+                 lockstep: bool = False) -> None:
         cfg, inner = model.config, model.model
         self.model, self.config = model, cfg
         weight = model.lm_head.weight
@@ -131,6 +132,7 @@ class Runner:
         self.block_slots, self.tail_slots = min(block_slots, rows), min(tail_slots, rows)
         self.window_sizes = tuple(sorted(window_sizes))
         self.cuda_graphs, self.kernel = cuda_graphs, kernel and kernel_available(device)
+        self.lockstep = lockstep
 
         steps = inner.plan.steps
         if max_recursions is not None and cfg.sharing in ("cycle", "middle_cycle"):
@@ -203,8 +205,9 @@ class Runner:
         self.coda_streams = torch.tensor([s for _, s in self.coda], dtype=torch.long, device=device)
 
         # Everything between the layers is a handful of compiled functions (each a few fused kernels); the layers
-        # share one compiled function. Sizes are dynamic, so engines of other batch sizes reuse the compilation.
-        compiled = (lambda fn: torch.compile(fn, dynamic=True, fullgraph=True)) if compile else (lambda fn: fn)
+        # share one compiled function (sizes that differ between calls, such as the block's and the tail's rows,
+        # become dynamic on the second compilation).
+        compiled = (lambda fn: torch.compile(fn, fullgraph=True)) if compile else (lambda fn: fn)
         self._layer = compiled(decode_layer)
         self._ensure_room = compiled(self._ensure_room_eager)
         self._block_inputs = compiled(self._block_inputs_eager)
@@ -411,7 +414,8 @@ class Runner:
     def _tail_stage(self, log: Tensor, mode: str) -> None:
         rows, real, exiting, h, cos, sin, at = self._tail_inputs()
         h = self._run_unique(h, self.coda, cos, sin, at, exiting)
-        x, cos, sin, at, position, entering, finished = self._sample(rows, real, exiting, h, at, log, mode)
+        x, cos, sin, at, position, entering, finished, record = self._sample(rows, real, exiting, h, at, mode)
+        log.copy_(record)
         h = self._run_unique(x, self.prelude, cos, sin, at, entering)
         self._enter(rows, real, entering, finished, h, position, at)
 
@@ -424,22 +428,24 @@ class Runner:
         return x
 
     def _tail_inputs_eager(self) -> tuple[Tensor, ...]:
-        rows, real = self._rows((self.phase == EXIT) | (self.phase == ENTER), self.tail_slots)
+        exits = self.phase == EXIT
+        if self.lockstep:  # no depth-wise batching: tokens leave the block together, once the deepest is done
+            exits = exits & ~(self.phase == BLOCK).any()
+        rows, real = self._rows(exits | (self.phase == ENTER), self.tail_slots)
         exiting = real & (self.phase[rows] == EXIT)
         cos, sin = self.model.model.rotary(self.position[rows], self.hidden.dtype)
         at = self.pool.pair_index(self.coda_streams[None, :], rows[:, None])
         return rows, real, exiting, self.hidden[rows], cos, sin, at
 
-    def _sample_eager(self, rows: Tensor, real: Tensor, exiting: Tensor, h: Tensor, coda_at: Tensor, log: Tensor,
+    def _sample_eager(self, rows: Tensor, real: Tensor, exiting: Tensor, h: Tensor, coda_at: Tensor,
                       mode: str) -> tuple[Tensor, ...]:
-        """Count the coda's entries; sample, log the tokens and decide which requests are done; the embedded
-        tokens to enter, with their rotary angles and prelude pairs."""
+        """Count the coda's entries; sample the tokens and decide which requests are done; the embedded tokens to
+        enter, with their rotary angles and prelude pairs, and the log record (rows, tokens, depths)."""
         self._count(self.coda_streams.expand(rows.shape[0], -1), rows, exiting[:, None].expand_as(coda_at))
         logits = self.model.lm_head(self.model.model.norm(h))
         token = sample_rows(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], self.seed[rows],
                             self.sampled[rows], mode)
         token = torch.where(exiting, token, self.token[rows])
-        log.copy_(torch.stack([torch.where(exiting, rows, -1), token, self.step[rows] * self.depth_unit]))
         remaining = self.remaining[rows] - exiting.long()
         self.remaining[rows] = torch.where(real, remaining, self.remaining[rows])
         self.sampled[rows] = self.sampled[rows] + exiting.long()
@@ -450,7 +456,8 @@ class Runner:
         x = self.model.model.embed_tokens(token)
         cos, sin = self.model.model.rotary(position, x.dtype)
         at = self.pool.pair_index(self.prelude_streams[None, :], rows[:, None])
-        return x, cos, sin, at, position, entering, finished
+        record = torch.stack([torch.where(exiting, rows, -1), token, self.step[rows] * self.depth_unit])
+        return x, cos, sin, at, position, entering, finished, record
 
     def _enter_eager(self, rows: Tensor, real: Tensor, entering: Tensor, finished: Tensor, h: Tensor,
                      position: Tensor, prelude_at: Tensor) -> None:
