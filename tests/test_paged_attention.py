@@ -57,8 +57,11 @@ def test_paged_kernel_equals_the_gathered_reference_on_the_gpu(dtype, tolerance,
         lengths[:3] = [1, PAGE, PAGE * 32]  # page boundaries and a long row (several kernel blocks)
         q, keys, values, tables, counts, width = paged_inputs(lengths, heads, kv_heads, dim, dtype, "cuda", seed)
         extra = (torch.arange(len(lengths), device="cuda") % 2) * (counts < width * PAGE)
-        # Rows read pairs in another order than their own, as tokens of mixed depths do.
+        # Rows read pairs in another order than their own, as tokens of mixed depths do; the index is a column of
+        # a wider tensor (strided), as the engine passes it.
         index = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).cuda()
+        index = torch.stack([index, index.flip(0)], 1)[:, 0]
+        extra = torch.stack([extra, extra], 1)[:, 0].bool()
         reference = gathered_attention(q, keys, values, tables, counts, index, extra, width).float()
         out = paged_decode_attention(q, keys, values, tables, counts, index, extra).float()
         assert torch.isfinite(out).all()

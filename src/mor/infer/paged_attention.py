@@ -101,8 +101,10 @@ def paged_decode_attention(q: Tensor, keys: Tensor, values: Tensor, tables: Tens
     (stream, request) pair."""
     n, heads, dim = q.shape
     kv_heads, page = keys.shape[1], keys.shape[2]
+    if not kernel_available(q.device):  # the same function, the slow way
+        return gathered_attention(q, keys, values, tables, counts, table_index, extra, tables.shape[1])
     group = heads // kv_heads
-    q = q.contiguous()
+    q, table_index, extra = q.contiguous(), table_index.contiguous(), extra.contiguous()
     out = torch.empty_like(q)
     if n == 0:
         return out

@@ -83,8 +83,11 @@ def decode_layer(x: Tensor, weights: tuple[Tensor, ...], cos: Tensor, sin: Tenso
     page_size, trash, spare = keys.shape[2], keys.shape[0] - 1, tables.shape[1] - 1
     index = counts[write_at]
     page = torch.where(write, tables[write_at, (index // page_size).clamp(max=spare)], trash)
-    keys[page, :, index % page_size] = k.to(keys.dtype)
-    values[page, :, index % page_size] = v.reshape(n, kv_heads, dim).to(values.dtype)
+    # Every dimension indexed by a tensor: a plain in-place scatter into the pool (a slice among the indices can
+    # make compiled code write through a view, which copies the whole pool).
+    where = (page[:, None], torch.arange(kv_heads, device=x.device), (index % page_size)[:, None])
+    keys[where] = k.to(keys.dtype)
+    values[where] = v.reshape(n, kv_heads, dim).to(values.dtype)
     if kernel:
         attended = paged_decode_attention(q, keys, values, tables, counts, read_at, extra)
     else:

@@ -150,10 +150,11 @@ class KVPages:
 
     def write(self, pages: Tensor, offsets: Tensor, k: Tensor, v: Tensor, positions: Tensor | None = None) -> None:
         """Store entry i (``k``/``v`` [N, Hkv, D]) at slot ``offsets[i]`` of page ``pages[i]``."""
-        # Indexed assignment into the pool itself (not a view of it): under torch.compile this stays an in-place
-        # scatter, where a write through a view makes the compiled code copy the whole pool.
-        self.keys[pages, :, offsets] = k.to(self.keys.dtype)
-        self.values[pages, :, offsets] = v.to(self.values.dtype)
+        # Every dimension indexed by a tensor: under torch.compile this stays an in-place scatter into the pool,
+        # where a write through a view makes the compiled code copy the whole pool.
+        where = (pages[:, None], torch.arange(self.keys.shape[1], device=pages.device), offsets[:, None])
+        self.keys[where] = k.to(self.keys.dtype)
+        self.values[where] = v.to(self.values.dtype)
         if positions is not None:
             self.token_positions[pages, offsets] = positions
 
