@@ -49,7 +49,7 @@ class PagePool:
         self.top = torch.tensor(num_pages, device=device)
         self.peak = torch.zeros((), dtype=torch.long, device=device)  # most pages in use at once
         self.overflow = torch.zeros((), dtype=torch.bool, device=device)  # set if the pool ever ran dry
-        self.appended = torch.zeros(num_streams, dtype=torch.long, device=device)  # entries ever counted
+        self.appended = torch.zeros(num_streams, dtype=torch.long, device=device)  # entries of released rows
 
     # ------------------------------------------------------------------ flat views for kernels
     @property
@@ -97,8 +97,7 @@ class PagePool:
 
     def count(self, streams: Tensor, rows: Tensor, entries: Tensor) -> None:
         """Count ``entries[i]`` new entries written to (``streams[i]``, ``rows[i]``)."""
-        self.counts.index_put_((streams, rows), entries, accumulate=True)
-        self.appended.index_put_((streams,), entries, accumulate=True)
+        self.flat_counts.scatter_add_(0, self.pair_index(streams, rows), entries)
 
     def release(self, rows: Tensor) -> None:
         """Return every page of ``rows`` (distinct, not the idle row) to the pool and forget their entries."""
@@ -108,6 +107,7 @@ class PagePool:
         slot = torch.where(give.flatten(), self.top + rank, self.num_pages)  # masked ones land in the spare slot
         self.free[slot] = self.tables[:, rows, : self.max_pages].flatten()
         self.top += give.sum()
+        self.appended += self.counts[:, rows].sum(1)
         self.tables[:, rows] = self.trash
         self.counts[:, rows] = 0
         self.held[:, rows] = 0

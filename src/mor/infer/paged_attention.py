@@ -12,7 +12,8 @@ Two implementations compute the same function:
   validity mask. Plain PyTorch, any device; the reference.
 - :func:`paged_decode_attention`: a Triton kernel (CUDA) that walks each row's pages through its block table
   with an online softmax: no padded copy, no mask, and reads only the entries a row has. One program per
-  (row, key/value head) computes all query heads of that group (grouped-query attention).
+  (row, key/value head) computes all query heads of that group (grouped-query attention) with matrix
+  instructions, the group padded to 16 heads.
 
 Key/value pools are ``[pages, kv_heads, page_size, head_dim]``: one page of one head is contiguous.
 """
@@ -58,7 +59,7 @@ if triton is not None:
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, counts_ptr, index_ptr, extra_ptr, out_ptr, scale,
                              stride_qn, stride_qh, stride_kp, stride_kh, stride_ks, stride_t, stride_on, stride_oh,
                              GROUP: tl.constexpr, BLOCK_G: tl.constexpr, DIM: tl.constexpr, PAGE: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
+                             BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)  # key/value head; its GROUP query heads are computed together
         table = tl.load(index_ptr + row)
@@ -67,7 +68,7 @@ if triton is not None:
         d = tl.arange(0, DIM)
         in_group = g < GROUP
         q_offsets = row * stride_qn + (head * GROUP + g)[:, None] * stride_qh + d[None, :]
-        q = tl.load(q_ptr + q_offsets, mask=in_group[:, None], other=0.0).to(tl.float32) * scale
+        q = tl.load(q_ptr + q_offsets, mask=in_group[:, None], other=0.0)  # [BLOCK_G, DIM], padded query heads
         best = tl.full([BLOCK_G], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, DIM], tl.float32)
@@ -77,15 +78,21 @@ if triton is not None:
             live = token < length
             page = tl.load(tables_ptr + table * stride_t + token // PAGE, mask=live, other=0)
             offsets = page.to(tl.int64) * stride_kp + head * stride_kh + (token % PAGE) * stride_ks
-            k = tl.load(k_ptr + offsets[:, None] + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [BLOCK_G, BLOCK_N]
-            scores = tl.where(live[None, :], scores, float("-inf"))
+            k = tl.load(k_ptr + offsets[:, None] + d[None, :], mask=live[:, None], other=0.0)
+            v = tl.load(v_ptr + offsets[:, None] + d[None, :], mask=live[:, None], other=0.0)
+            if IEEE:  # float32 inputs: exact products (the default would round them to tf32)
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(live[None, :], scores * scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
             new_best = tl.maximum(best, tl.max(scores, axis=1))
             p = tl.exp(scores - new_best[:, None])
             rescale = tl.exp(best - new_best)
             total = total * rescale + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + offsets[:, None] + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-            acc = acc * rescale[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            if IEEE:
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
             best = new_best
         out = acc / tl.maximum(total, 1e-30)[:, None]  # an idle row (no entries) gives zeros
         o_offsets = row * stride_on + (head * GROUP + g)[:, None] * stride_oh + d[None, :]
@@ -112,7 +119,8 @@ def paged_decode_attention(q: Tensor, keys: Tensor, values: Tensor, tables: Tens
         q, keys, values, tables, counts, table_index, extra, out, dim ** -0.5,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=triton.next_power_of_2(group), DIM=dim, PAGE=page, BLOCK_N=32, num_warps=4)
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), DIM=dim, PAGE=page, BLOCK_N=64,
+        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
     return out
 
 

@@ -38,7 +38,13 @@ from mor.infer.sampling import SAMPLING_MODES, sample_rows
 from mor.model.layers import DecoderLayer, apply_rotary, rms_norm, swiglu
 from mor.model.routing import RoutingResult
 
-FREE, BLOCK, EXIT, ENTER, DONE = range(5)
+FREE, BLOCK, EXIT, ENTER, DONE = range(5)  # row phases
+# Columns of the integer row state (one tensor, so a stage updates a row's state in one write)
+POSITION, STEP, PHASE, AGE, REMAINING, TOKEN, SAMPLED, TARGET, TOP_K, SEED = range(10)
+# Columns of the float row state
+GATE, TEMPERATURE, TOP_P = range(3)
+# Device counters
+CLOCK, BLOCK_TOKENS, SAMPLED_TOKENS = range(3)
 MAX_EOS = 16  # end-token ids a run can have
 
 
@@ -175,29 +181,20 @@ class Runner:
         n = rows + 1
         self.hidden = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=device)
         self.first = torch.zeros_like(self.hidden)  # token-choice: H^1, the block's input
-        self.gate = torch.zeros(n, device=device)
-        longs = dict(dtype=torch.long, device=device)
-        self.target = torch.zeros(n, **longs)  # token-choice depth
-        self.position = torch.zeros(n, **longs)
-        self.step = torch.zeros(n, **longs)  # block steps the row's token has run
-        self.phase = torch.full((n,), FREE, **longs)
-        self.age = torch.zeros(n, **longs)  # iteration at which the row entered its phase
-        self.remaining = torch.zeros(n, **longs)  # tokens still to sample
-        self.token = torch.zeros(n, **longs)  # ENTER: the token to enter
-        self.sampled = torch.zeros(n, **longs)  # tokens sampled so far (the noise counter)
-        self.temperature = torch.zeros(n, device=device)
-        self.top_k = torch.zeros(n, **longs)
-        self.top_p = torch.ones(n, device=device)
-        self.seed = torch.zeros(n, **longs)
-        self.eos = torch.full((MAX_EOS,), -1, **longs)
-        self.clock = torch.zeros((), **longs)
-        self.counters = torch.zeros(3, **longs)  # block tokens, sampled tokens, iterations
+        # Per row: the position, depth (block steps run) and phase of its token, the iteration it entered that
+        # phase (AGE), tokens still to sample, the token to enter (ENTER), tokens sampled so far (the noise
+        # counter), the token-choice depth, and the request's sampling settings.
+        self.ints = torch.zeros(n, 10, dtype=torch.long, device=device)
+        self.floats = torch.zeros(n, 3, device=device)
+        self.floats[:, TOP_P] = 1.0
+        self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long, device=device)
+        self.counters = torch.zeros(3, dtype=torch.long, device=device)
 
         # The status buffer: the token log of a window, then phases, counts and pool scalars.
         streams = self.pool.num_streams
         kmax, t = self.window_sizes[-1], self.tail_slots
         sizes = [kmax * 3 * t, rows, streams * rows, 2]
-        self.status = torch.zeros(sum(sizes), **longs)
+        self.status = torch.zeros(sum(sizes), dtype=torch.long, device=device)
         log, phase, counts, scalars = self.status.split(sizes)
         self._log, self._status_phase = log.view(kmax, 3, t), phase
         self._status_counts, self._status_scalars = counts.view(streams, rows), scalars
@@ -207,15 +204,12 @@ class Runner:
         self.prelude_streams = torch.tensor([s for _, s in self.prelude], dtype=torch.long, device=device)
         self.coda_streams = torch.tensor([s for _, s in self.coda], dtype=torch.long, device=device)
 
-        # Everything between the layers is a handful of compiled functions (each a few fused kernels); the layers
-        # share one compiled function (sizes that differ between calls, such as the block's and the tail's rows,
-        # become dynamic on the second compilation).
-        compiled = (lambda fn: torch.compile(fn, fullgraph=True)) if compile else (lambda fn: fn)
+        # What runs between the layers is four compiled functions (each a few fused kernels); the layers share one
+        # compiled function.
+        compiled = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if compile else (lambda fn: fn)
         self._layer = compiled(decode_layer)
-        self._ensure_room = compiled(self._ensure_room_eager)
-        self._block_inputs = compiled(self._block_inputs_eager)
+        self._start = compiled(self._start_eager)
         self._route = compiled(self._route_eager)
-        self._tail_inputs = compiled(self._tail_inputs_eager)
         self._sample = compiled(self._sample_eager)
         self._enter = compiled(self._enter_eager)
         self._graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
@@ -240,26 +234,29 @@ class Runner:
               sampled: list[int], temperature: list[float], top_k: list[int], top_p: list[float],
               seeds: list[int]) -> None:
         """Queue each row's ``tokens`` (at ``positions``) for the entry at the next tail stage."""
-        longs = torch.tensor([rows, tokens, positions, remaining, sampled, top_k, seeds], dtype=torch.long)
-        floats = torch.tensor([temperature, top_p], dtype=torch.float32)
-        longs, floats = longs.to(self.device, non_blocking=True), floats.to(self.device, non_blocking=True)
-        index = longs[0]
-        self.token[index], self.position[index], self.remaining[index] = longs[1], longs[2], longs[3]
-        self.sampled[index], self.top_k[index], self.seed[index] = longs[4], longs[5], longs[6]
-        self.temperature[index], self.top_p[index] = floats[0], floats[1]
-        self.step[index] = 0
-        self.phase[index] = ENTER
-        self.age[index] = self.clock
+        n = len(rows)
+        ints = torch.zeros(n, self.ints.shape[1], dtype=torch.long)
+        for column, values in ((POSITION, positions), (REMAINING, remaining), (TOKEN, tokens), (SAMPLED, sampled),
+                               (TOP_K, top_k), (SEED, seeds)):
+            ints[:, column] = torch.tensor(values, dtype=torch.long)
+        ints[:, PHASE] = ENTER
+        floats = torch.zeros(n, self.floats.shape[1])
+        floats[:, TEMPERATURE], floats[:, TOP_P] = torch.tensor(temperature), torch.tensor(top_p)
+        index = torch.tensor(rows).to(self.device, non_blocking=True)
+        ints = ints.to(self.device, non_blocking=True)
+        ints[:, AGE] = self.counters[CLOCK]
+        self.ints[index] = ints
+        self.floats[index] = floats.to(self.device, non_blocking=True)
 
     def finish(self, rows: list[int]) -> None:
         """Stop the rows' requests (cancelled from the host): they go idle until released."""
-        self.phase[torch.tensor(rows, device=self.device)] = DONE
+        self.ints[torch.tensor(rows, device=self.device), PHASE] = DONE
 
     def release(self, rows: list[int]) -> None:
         """Free the rows and their pages for new requests."""
         index = torch.tensor(rows, device=self.device)
         self.pool.release(index)
-        self.phase[index] = FREE
+        self.ints[index, PHASE] = FREE
 
     def launch(self, size: int, mode: str) -> Window:
         """Run a window of ``size`` iterations (a CUDA graph replay when enabled) and start copying its status to
@@ -323,7 +320,7 @@ class Runner:
 
     def statistics(self) -> dict[str, int]:
         """Device counters (one synchronisation)."""
-        block_tokens, sampled, iterations = self.counters.tolist()
+        iterations, block_tokens, sampled = self.counters.tolist()
         return dict(block_tokens=block_tokens, sampled=sampled, iterations=iterations,
                     peak_pages=int(self.pool.peak), appended=self.pool.appended.tolist())
 
@@ -334,25 +331,28 @@ class Runner:
     # ------------------------------------------------------------------ one window (device)
     def _window(self, size: int, mode: str) -> None:
         for i in range(size):
-            self._ensure_room()
-            self._block_stage()
-            self._tail_stage(self._log[i], mode)
-        self._status_phase.copy_(self.phase[: self.rows])
+            self._log[i].copy_(self._iteration(mode))
+        self._status_phase.copy_(self.ints[: self.rows, PHASE])
         self._status_counts.copy_(self.pool.counts[:, : self.rows])
         self._status_scalars.copy_(torch.stack([self.pool.top, self.pool.overflow.long()]))
 
-    def _ensure_room_eager(self) -> None:
-        active = (self.phase == BLOCK) | (self.phase == EXIT) | (self.phase == ENTER)
-        self.pool.ensure_room(active)
-        self.clock += 1
-        self.counters[2] += 1
+    def _iteration(self, mode: str) -> Tensor:
+        """One iteration: the block stage, then the tail stage; returns its log record (rows, tokens, depths)."""
+        rows, real, h, cos, sin, step, write_stream, writes, write_at, read_at, pending = self._start()
+        out = self._run_layers(h, self.block, cos, sin, write_at, writes, read_at, pending)
+        rows, real, exiting, h, cos, sin, at = self._route(rows, real, step, h, out, write_stream, writes)
+        h = self._run_unique(h, self.coda, cos, sin, at, exiting)
+        x, cos, sin, at, position, entering, finished, record = self._sample(rows, real, exiting, h, at, mode)
+        h = self._run_unique(x, self.prelude, cos, sin, at, entering)
+        self._enter(rows, real, entering, finished, h, position, at)
+        return record
 
     def _rows(self, candidates: Tensor, slots: int) -> tuple[Tensor, Tensor]:
         """Rows for a stage of ``slots`` slots: every row when there are as many slots, else the oldest
         candidates (idle-padded); and which slots hold a candidate."""
         if slots >= self.rows:
             return torch.arange(self.rows, device=candidates.device), candidates[: self.rows]
-        key = torch.where(candidates, -self.age.double(), -math.inf)
+        key = torch.where(candidates, -self.ints[:, AGE].double(), -math.inf)
         best = key.topk(slots).indices
         real = candidates[best]
         return torch.where(real, best, self.idle), real
@@ -365,63 +365,6 @@ class Runner:
                             write_at[:, j], writes[:, j], read_at[:, j], extra[:, j], **self.layer_args)
         return x
 
-    def _count(self, streams: Tensor, rows: Tensor, writes: Tensor) -> None:
-        """Count a stage's writes [n, J] at once (one scatter, not one per layer)."""
-        self.pool.count(streams.flatten(), rows[:, None].expand_as(streams).flatten(), writes.flatten().long())
-
-    # block stage: the shared block once, at each token's own depth, then routing
-    def _block_stage(self) -> None:
-        rows, real, h, cos, sin, step, write_stream, writes, write_at, read_at, pending = self._block_inputs()
-        out = self._run_layers(h, self.block, cos, sin, write_at, writes, read_at, pending)
-        self._route(rows, real, step, h, out, write_stream, writes)
-
-    def _block_inputs_eager(self) -> tuple[Tensor, ...]:
-        rows, real = self._rows(self.phase == BLOCK, self.block_slots)
-        step = self.step[rows].clamp(max=len(self.steps) - 1)
-        h = self.hidden[rows]
-        cos, sin = self.model.model.rotary(self.position[rows], h.dtype)
-        write_stream, read_stream = self.write_stream[step], self.read_stream[step]
-        writes = self.writes[step] & real[:, None]
-        pending = self.pending[step] & real[:, None]
-        write_at = self.pool.pair_index(write_stream, rows[:, None])
-        read_at = self.pool.pair_index(read_stream, rows[:, None])
-        self.counters[0] += real.sum()
-        return rows, real, h, cos, sin, step, write_stream, writes, write_at, read_at, pending
-
-    def _route_eager(self, rows: Tensor, real: Tensor, step: Tensor, h: Tensor, out: Tensor, write_stream: Tensor,
-                     writes: Tensor) -> None:
-        """After a block step: count its entries, then each token's new hidden state and decision (next depth or
-        exit), by the rules of :mod:`mor.model.routing`."""
-        self._count(write_stream, rows, writes)
-        inner = self.model.model
-        step = step + 1
-        gate = self.gate[rows]
-        if inner.expert is not None:
-            new = h + inner.expert.gated_update(gate, out).to(h.dtype)
-            router = step.clamp(max=self.config.num_recursions - 1)  # extra recursions reuse the last router
-            go, gate = inner.expert.causal_decision(router, new, self.full_capacity)
-            go = go & (step < len(self.steps))
-        elif inner.token is not None:
-            target = self.target[rows]
-            new = inner.token.step_output(self.first[rows], out, gate, step == target)
-            go = step < target
-        else:
-            new, go = out, step < len(self.steps)
-        self.hidden[rows] = torch.where(real[:, None], new, h)
-        self.gate[rows] = torch.where(real, gate, self.gate[rows])
-        self.step[rows] = torch.where(real, step, self.step[rows])
-        self.phase[rows] = torch.where(real, torch.where(go, BLOCK, EXIT), self.phase[rows])
-        self.age[rows] = torch.where(real & ~go, self.clock, self.age[rows])
-
-    # tail stage: coda, head and sampling of exited tokens, then the entry of the next ones
-    def _tail_stage(self, log: Tensor, mode: str) -> None:
-        rows, real, exiting, h, cos, sin, at = self._tail_inputs()
-        h = self._run_unique(h, self.coda, cos, sin, at, exiting)
-        x, cos, sin, at, position, entering, finished, record = self._sample(rows, real, exiting, h, at, mode)
-        log.copy_(record)
-        h = self._run_unique(x, self.prelude, cos, sin, at, entering)
-        self._enter(rows, real, entering, finished, h, position, at)
-
     def _run_unique(self, x: Tensor, layers: list[tuple[tuple[Tensor, ...], int]], cos: Tensor, sin: Tensor,
                     at: Tensor, writes: Tensor) -> Tensor:
         """The prelude or coda positions; each writes its own stream and reads it, this entry included."""
@@ -430,13 +373,65 @@ class Runner:
                             self.pool.flat_counts, at[:, j], writes, at[:, j], writes, **self.layer_args)
         return x
 
-    def _tail_inputs_eager(self) -> tuple[Tensor, ...]:
-        exits = self.phase == EXIT
+    def _count(self, at: Tensor, writes: Tensor) -> None:
+        """Count a stage's writes (``at`` [n, J] flat pair indices where ``writes``) in one scatter."""
+        self.pool.flat_counts.scatter_add_(0, at.flatten(), writes.flatten().long())
+
+    # The four compiled pieces between the layers.
+    def _start_eager(self) -> tuple[Tensor, ...]:
+        """Room in every active row's streams; the block stage's rows and their inputs."""
+        phase = self.ints[:, PHASE]
+        self.pool.ensure_room((phase == BLOCK) | (phase == EXIT) | (phase == ENTER))
+        self.counters[CLOCK] += 1
+        rows, real = self._rows(phase == BLOCK, self.block_slots)
+        state = self.ints[rows]
+        step = state[:, STEP].clamp(max=len(self.steps) - 1)
+        h = self.hidden[rows]
+        cos, sin = self.model.model.rotary(state[:, POSITION], h.dtype)
+        write_stream = self.write_stream[step]
+        writes = self.writes[step] & real[:, None]
+        pending = self.pending[step] & real[:, None]
+        write_at = self.pool.pair_index(write_stream, rows[:, None])
+        read_at = self.pool.pair_index(self.read_stream[step], rows[:, None])
+        self.counters[BLOCK_TOKENS] += real.sum()
+        return rows, real, h, cos, sin, step, write_stream, writes, write_at, read_at, pending
+
+    def _route_eager(self, rows: Tensor, real: Tensor, step: Tensor, h: Tensor, out: Tensor, write_stream: Tensor,
+                     writes: Tensor) -> tuple[Tensor, ...]:
+        """After a block step: count its entries, then each token's new hidden state and decision (next depth or
+        exit) by the rules of :mod:`mor.model.routing`; the tail stage's rows and their inputs."""
+        self._count(self.pool.pair_index(write_stream, rows[:, None]), writes)
+        inner = self.model.model
+        step = step + 1
+        gate = self.floats[rows, GATE]
+        if inner.expert is not None:
+            new = h + inner.expert.gated_update(gate, out).to(h.dtype)
+            router = step.clamp(max=self.config.num_recursions - 1)  # extra recursions reuse the last router
+            go, gate = inner.expert.causal_decision(router, new, self.full_capacity)
+            go = go & (step < len(self.steps))
+        elif inner.token is not None:
+            target = self.ints[rows, TARGET]
+            new = inner.token.step_output(self.first[rows], out, gate, step == target)
+            go = step < target
+        else:
+            new, go = out, step < len(self.steps)
+        self.hidden[rows] = torch.where(real[:, None], new, h)
+        state = self.ints[rows]
+        state[:, STEP] = step
+        state[:, PHASE] = torch.where(go, BLOCK, EXIT)
+        state[:, AGE] = torch.where(go, state[:, AGE], self.counters[CLOCK])
+        self.ints[rows] = torch.where(real[:, None], state, self.ints[rows])
+        floats = self.floats[rows]
+        floats[:, GATE] = gate
+        self.floats[rows] = torch.where(real[:, None], floats, self.floats[rows])
+
+        phase = self.ints[:, PHASE]
+        exits = phase == EXIT
         if self.lockstep:  # no depth-wise batching: tokens leave the block together, once the deepest is done
-            exits = exits & ~(self.phase == BLOCK).any()
-        rows, real = self._rows(exits | (self.phase == ENTER), self.tail_slots)
-        exiting = real & (self.phase[rows] == EXIT)
-        cos, sin = self.model.model.rotary(self.position[rows], self.hidden.dtype)
+            exits = exits & ~(phase == BLOCK).any()
+        rows, real = self._rows(exits | (phase == ENTER), self.tail_slots)
+        exiting = real & (self.ints[rows, PHASE] == EXIT)
+        cos, sin = inner.rotary(self.ints[rows, POSITION], self.hidden.dtype)
         at = self.pool.pair_index(self.coda_streams[None, :], rows[:, None])
         return rows, real, exiting, self.hidden[rows], cos, sin, at
 
@@ -444,44 +439,49 @@ class Runner:
                       mode: str) -> tuple[Tensor, ...]:
         """Count the coda's entries; sample the tokens and decide which requests are done; the embedded tokens to
         enter, with their rotary angles and prelude pairs, and the log record (rows, tokens, depths)."""
-        self._count(self.coda_streams.expand(rows.shape[0], -1), rows, exiting[:, None].expand_as(coda_at))
+        self._count(coda_at, exiting[:, None].expand_as(coda_at))
+        state, floats = self.ints[rows], self.floats[rows]
         logits = self.model.lm_head(self.model.model.norm(h))
-        token = sample_rows(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], self.seed[rows],
-                            self.sampled[rows], mode)
-        token = torch.where(exiting, token, self.token[rows])
-        remaining = self.remaining[rows] - exiting.long()
-        self.remaining[rows] = torch.where(real, remaining, self.remaining[rows])
-        self.sampled[rows] = self.sampled[rows] + exiting.long()
-        self.counters[1] += exiting.sum()
+        token = sample_rows(logits, floats[:, TEMPERATURE], state[:, TOP_K], floats[:, TOP_P], state[:, SEED],
+                            state[:, SAMPLED], mode)
+        token = torch.where(exiting, token, state[:, TOKEN])
+        record = torch.stack([torch.where(exiting, rows, -1), token, state[:, STEP] * self.depth_unit])
+        remaining = state[:, REMAINING] - exiting.long()
         finished = exiting & ((remaining <= 0) | (token[:, None] == self.eos).any(1))
-        entering = real & ~finished
-        position = self.position[rows] + exiting.long()
+        position = state[:, POSITION] + exiting.long()
+        state[:, REMAINING] = remaining
+        state[:, SAMPLED] = state[:, SAMPLED] + exiting.long()
+        self.ints[rows] = torch.where(real[:, None], state, self.ints[rows])
+        self.counters[SAMPLED_TOKENS] += exiting.sum()
         x = self.model.model.embed_tokens(token)
         cos, sin = self.model.model.rotary(position, x.dtype)
         at = self.pool.pair_index(self.prelude_streams[None, :], rows[:, None])
-        record = torch.stack([torch.where(exiting, rows, -1), token, self.step[rows] * self.depth_unit])
-        return x, cos, sin, at, position, entering, finished, record
+        return x, cos, sin, at, position, real & ~finished, finished, record
 
     def _enter_eager(self, rows: Tensor, real: Tensor, entering: Tensor, finished: Tensor, h: Tensor,
                      position: Tensor, prelude_at: Tensor) -> None:
         """Count the prelude's entries; the first routing decision of each entered token (depth 0 exits at
         once) and its new state."""
-        self._count(self.prelude_streams.expand(rows.shape[0], -1), rows, entering[:, None].expand_as(prelude_at))
+        self._count(prelude_at, entering[:, None].expand_as(prelude_at))
         inner = self.model.model
+        state, floats = self.ints[rows], self.floats[rows]
         go = torch.ones_like(entering)
-        gate = self.gate[rows]
+        gate = floats[:, GATE]
         if inner.expert is not None:
             go, gate = inner.expert.causal_decision(torch.zeros_like(rows), h, self.full_capacity)
         elif inner.token is not None:
             depth, gate = inner.token.assign(h[None], None, RoutingResult())
-            target = inner.token.widen(depth[0], len(self.steps))
-            self.target[rows] = torch.where(entering, target, self.target[rows])
+            state[:, TARGET] = inner.token.widen(depth[0], len(self.steps))
             self.first[rows] = torch.where(entering[:, None], h, self.first[rows])
             gate = gate[0]
         self.hidden[rows] = torch.where(entering[:, None], h, self.hidden[rows])
-        self.gate[rows] = torch.where(entering, gate, self.gate[rows])
-        self.position[rows] = torch.where(entering, position, self.position[rows])
-        self.step[rows] = torch.where(entering, 0, self.step[rows])
-        new_phase = torch.where(finished, DONE, torch.where(go, BLOCK, EXIT))
-        self.phase[rows] = torch.where(real, new_phase, self.phase[rows])
-        self.age[rows] = torch.where(real, self.clock, self.age[rows])
+        state[:, POSITION] = position
+        state[:, STEP] = 0
+        state[:, AGE] = self.counters[CLOCK]
+        state[:, PHASE] = torch.where(go, BLOCK, EXIT)
+        floats[:, GATE] = gate
+        # Entered rows take their whole new state; a finished one only its phase.
+        state = torch.where(entering[:, None], state, self.ints[rows])
+        state[:, PHASE] = torch.where(finished, DONE, state[:, PHASE])
+        self.ints[rows] = state
+        self.floats[rows] = torch.where(entering[:, None], floats, self.floats[rows])

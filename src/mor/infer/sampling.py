@@ -62,20 +62,20 @@ def _hash32(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
-def gumbel_noise(seed: Tensor, counter: Tensor, vocab: int) -> Tensor:
-    """Gumbel noise [N, vocab] that depends only on each row's ``seed`` and ``counter`` (the index of the token
-    being drawn): a request samples the same tokens whatever else shares its batch, and after a preemption."""
+def uniform(seed: Tensor, counter: Tensor) -> Tensor:
+    """One number in (0, 1) per row (float64, 48 random bits) that depends only on the row's ``seed`` and
+    ``counter`` (the index of the token being drawn): a request samples the same tokens whatever else shares its
+    batch, and after a preemption."""
     key = _hash32(_hash32(seed & _M32) ^ (counter & _M32))
-    bits = _hash32(_hash32(key[:, None] ^ torch.arange(vocab, device=seed.device)) ^ 0x9E3779B9)
-    uniform = ((bits >> 8).float() + 0.5) / 2**24
-    return -torch.log(-torch.log(uniform))
+    high, low = _hash32(key ^ 0x9E3779B9) >> 8, _hash32(key ^ 0x7F4A7C15) >> 8  # 24 bits each
+    return ((high * 2**24 + low).double() + 0.5) / 2**48
 
 
 def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor, counter: Tensor,
                 mode: str) -> Tensor:
     """One token per row of ``logits`` [N, V] with per-row settings: ``temperature`` 0 is greedy; ``top_k`` (V for
-    none) and ``top_p`` (1 for none) filter when ``mode`` is "filter". Sampling is the Gumbel-max draw
-    ``argmax(logits / temperature + noise)``, with noise from :func:`gumbel_noise`."""
+    none) and ``top_p`` (1 for none) filter when ``mode`` is "filter". A draw inverts the cumulative distribution
+    at :func:`uniform`'s number: one random number per row, not one per token of the vocabulary."""
     greedy = logits.argmax(-1)
     if mode == "greedy":
         return greedy
@@ -88,5 +88,7 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
         drop = ((probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1)) | (rank >= top_k[:, None])
         cutoff = ordered.masked_fill(drop & (rank > 0), float("inf")).amin(-1)
         x = x.masked_fill(x < cutoff[:, None], float("-inf"))
-    drawn = (x + gumbel_noise(seed, counter, x.shape[-1])).argmax(-1)
+    cumulative = x.softmax(-1).double().cumsum(-1)
+    target = uniform(seed, counter) * cumulative[:, -1]
+    drawn = torch.searchsorted(cumulative, target[:, None], right=True)[:, 0].clamp(max=x.shape[-1] - 1)
     return torch.where(temperature > 0, drawn, greedy)

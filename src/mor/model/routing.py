@@ -130,12 +130,18 @@ class ExpertChoice(nn.Module):
         full-capacity step (``full`` [Nr], from :meth:`full_capacity`) always run it; the others follow
         :meth:`continues`."""
         pick = steps[:, None]
-        every = range(self.config.num_recursions)
-        logits = torch.stack([self.logits(r, hidden) for r in every], -1).gather(1, pick)[:, 0]
+        logits = self._every_router(self.routers, hidden).gather(1, pick)[:, 0]
         aux = None
         if self.aux_routers:
-            aux = torch.stack([self.aux_logits(r, hidden) for r in every], -1).gather(1, pick)[:, 0]
+            aux = self._every_router(self.aux_routers, hidden.detach()).gather(1, pick)[:, 0]
         return full[steps] | self.continues(logits, aux), self.gate(logits)
+
+    def _every_router(self, routers: nn.ModuleList, hidden: Tensor) -> Tensor:
+        """Logits [N, Nr] of every router on every token; linear routers in one matrix product."""
+        x = hidden / self.config.router_temperature
+        if self.config.router_arch == "linear":
+            return (x @ torch.cat([r.net.weight for r in routers]).T).float()
+        return torch.stack([r(x).squeeze(-1) for r in routers], -1)
 
     @staticmethod
     def gated_update(gate: Tensor, block_out: Tensor) -> Tensor:
