@@ -62,6 +62,18 @@ def _hash32(x: Tensor) -> Tensor:
     return (x >> 16) ^ x
 
 
+@torch.library.custom_op("mor::cumsum", mutates_args=())
+def cumsum(x: Tensor) -> Tensor:
+    """``x.cumsum(-1)``, opaque to ``torch.compile``: the scan it generates for vocabulary-wide rows failed to
+    compile (PyTorch 2.11, CUDA), where the library's own kernel is fast."""
+    return x.cumsum(-1)
+
+
+@cumsum.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
 def uniform(seed: Tensor, counter: Tensor) -> Tensor:
     """One number in (0, 1) per row (float64, 48 random bits) that depends only on the row's ``seed`` and
     ``counter`` (the index of the token being drawn): a request samples the same tokens whatever else shares its
@@ -85,10 +97,10 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
         probs = ordered.softmax(-1)
         rank = torch.arange(x.shape[-1], device=x.device)
         # Drop a token when the more likely ones already reach top_p, or past the top_k most likely; keep the first.
-        drop = ((probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p[:, None] < 1)) | (rank >= top_k[:, None])
+        drop = ((cumsum(probs) - probs >= top_p[:, None]) & (top_p[:, None] < 1)) | (rank >= top_k[:, None])
         cutoff = ordered.masked_fill(drop & (rank > 0), float("inf")).amin(-1)
         x = x.masked_fill(x < cutoff[:, None], float("-inf"))
-    cumulative = x.softmax(-1).double().cumsum(-1)
+    cumulative = cumsum(x.softmax(-1).double())
     target = uniform(seed, counter) * cumulative[:, -1]
     drawn = torch.searchsorted(cumulative, target[:, None], right=True)[:, 0].clamp(max=x.shape[-1] - 1)
     return torch.where(temperature > 0, drawn, greedy)
