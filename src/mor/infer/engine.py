@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -305,19 +306,21 @@ class Engine:
         now = time.perf_counter()
         outputs: dict[int, RequestOutput] = {}
         running = self.scheduler.running
-        for row, token, depth in zip(status.rows.tolist(), status.tokens.tolist(), status.depths.tolist()):
-            request = running[row]
-            self._counts["tokens_in"] += 1
+        self._counts["tokens_in"] += len(status.rows)
+        order = np.argsort(status.rows, kind="stable")  # grouped by row, each in the order sampled
+        starts = np.flatnonzero(np.diff(status.rows[order], prepend=-1))
+        for chunk in np.split(order, starts[1:]) if len(order) else []:
+            request = running[int(status.rows[chunk[0]])]
             if request.cancelled:
                 continue
-            request.tokens.append(token)
-            request.depths.append(depth)
+            tokens, depths = status.tokens[chunk].tolist(), status.depths[chunk].tolist()
+            request.tokens += tokens
+            request.depths += depths
             if request.first_token is None:
                 request.first_token = now
-            out = outputs.setdefault(request.index, RequestOutput(request.index, [], []))
-            out.tokens.append(token)
-            out.depths.append(depth)
-        done = [row for row, r in running.items() if status.phase[row] == DONE and self.scheduler.describes(r)]
+            outputs[request.index] = RequestOutput(request.index, tokens, depths)
+        done = [row for row in np.flatnonzero(status.phase == DONE).tolist()
+                if row in running and self.scheduler.describes(running[row])]
         if done:
             self.runner.release(done)
         eos = set(self.runner.eos.tolist()) if done else set()

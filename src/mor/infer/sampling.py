@@ -100,7 +100,7 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
         drop = ((cumsum(probs) - probs >= top_p[:, None]) & (top_p[:, None] < 1)) | (rank >= top_k[:, None])
         cutoff = ordered.masked_fill(drop & (rank > 0), float("inf")).amin(-1)
         x = x.masked_fill(x < cutoff[:, None], float("-inf"))
-    cumulative = cumsum(x.softmax(-1).double())
-    target = uniform(seed, counter) * cumulative[:, -1]
+    cumulative = cumsum(x.softmax(-1))
+    target = (uniform(seed, counter) * cumulative[:, -1].double()).float()
     drawn = torch.searchsorted(cumulative, target[:, None], right=True)[:, 0].clamp(max=x.shape[-1] - 1)
     return torch.where(temperature > 0, drawn, greedy)

@@ -68,15 +68,14 @@ class Scheduler:
         self.admissions = 0
 
     # ------------------------------------------------------------------ page budget
-    def _growth(self, steps: int, extra: tuple[int, ...] = ()) -> int:
-        """Pages the running rows (and new rows prefilled with ``extra`` entries) may take in ``steps`` more
-        iterations, counted from the last status."""
+    def _growth(self, steps: int) -> int:
+        """Pages the running rows may take in ``steps`` more iterations, counted from the last status."""
         size = self.page_size
         known = [r.row for r in self.running.values() if self.describes(r)]
         counts = self.counts[:, known]
         pages = (-(-(counts + steps + 1) // size) + (-counts // size)).sum()  # ceil(..) - ceil(c / size)
         fresh = [len(r.sequence) - 1 for r in self.running.values() if not self.describes(r)]
-        pages += sum(self.num_streams * math.ceil((n + steps + 1) / size) for n in (*fresh, *extra))
+        pages += sum(self.num_streams * math.ceil((n + steps + 1) / size) for n in fresh)
         return int(pages)
 
     def _launched_steps(self) -> int:
@@ -85,14 +84,18 @@ class Scheduler:
     def admit(self) -> list[Request]:
         """Give waiting requests rows while the pool can hold them for one more iteration; the admitted ones."""
         admitted: list[Request] = []
+        steps = self._launched_steps() + 1
+        pages = self._growth(steps)
         while self.waiting and self.free_rows:
             request = self.waiting[0]
             prefix = len(request.sequence) - 1
-            if self._growth(self._launched_steps() + 1, (prefix,)) > self.free_pages:
+            more = self.num_streams * math.ceil((prefix + steps + 1) / self.page_size)
+            if pages + more > self.free_pages:
                 if not self.running and not self.stale:
                     raise MemoryError(f"the KV page pool ({self.free_pages} free pages) cannot hold a prompt of "
                                       f"{prefix + 1} tokens; give the engine more pages")
                 break
+            pages += more
             self.waiting.popleft()
             request.row = self.free_rows.pop()
             request.epoch = self.epoch
