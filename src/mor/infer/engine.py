@@ -171,6 +171,7 @@ class Engine:
         base = random.randrange(2**31) if seed is None else seed
         ids = [self.add(p, n, params, seed=(base * 1_000_003 + i) % 2**32) for i, (p, n) in enumerate(zip(prompts,
                                                                                                             counts))]
+        requests = [self._requests[i] for i in ids]
         self.runner.reset_statistics()
         self._counts.clear()
         start = time.perf_counter()
@@ -184,7 +185,8 @@ class Engine:
         finally:
             bar.close()
         end = time.perf_counter()
-        requests = [self._requests.pop(i) for i in ids]
+        for i in ids:  # those asking for no tokens never ran
+            self._requests.pop(i, None)
         results = [RequestResult(r.tokens, r.depths, (r.first_token or end) - start,
                                  len(r.tokens) / max(end - r.admitted, 1e-9), r.preemptions) for r in requests]
         return EngineOutput(results, self._stats(results, end - start))
@@ -230,8 +232,11 @@ class Engine:
         return index
 
     def cancel(self, request_id: int) -> None:
-        """Stop a request: it frees its row and pages at the next step and reports "cancelled"."""
-        request = self._requests[request_id]
+        """Stop a request: it frees its row and pages at the next step and reports "cancelled" (a request that has
+        already finished is left as it is)."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return
         request.cancelled = True
         if request in self.scheduler.waiting:
             self.scheduler.waiting.remove(request)
@@ -326,6 +331,7 @@ class Engine:
         eos = set(self.runner.eos.tolist()) if done else set()
         for row in done:
             request = self.scheduler.remove(row)
+            del self._requests[request.index]
             out = outputs.setdefault(request.index, RequestOutput(request.index, [], []))
             out.finish_reason = "cancelled" if request.cancelled else \
                 "stop" if request.tokens and request.tokens[-1] in eos else "length"
