@@ -137,11 +137,16 @@ class ExpertChoice(nn.Module):
         return full[steps] | self.continues(logits, aux), self.gate(logits)
 
     def _every_router(self, routers: nn.ModuleList, hidden: Tensor) -> Tensor:
-        """Logits [N, Nr] of every router on every token; linear routers in one matrix product."""
+        """Logits [N, Nr] of every router on every token; linear routers in one matrix product (with their biases,
+        where a router was given one, e.g. to calibrate its exits)."""
         x = hidden / self.config.router_temperature
-        if self.config.router_arch == "linear":
-            return (x @ torch.cat([r.net.weight for r in routers]).T).float()
-        return torch.stack([r(x).squeeze(-1) for r in routers], -1)
+        if not all(isinstance(r.net, nn.Linear) for r in routers):
+            return torch.stack([r(x).squeeze(-1) for r in routers], -1)
+        weight = torch.cat([r.net.weight for r in routers])
+        bias = None
+        if any(r.net.bias is not None for r in routers):
+            bias = torch.cat([r.net.weight.new_zeros(1) if r.net.bias is None else r.net.bias for r in routers])
+        return F.linear(x, weight, bias).float()
 
     @staticmethod
     def gated_update(gate: Tensor, block_out: Tensor) -> Tensor:
