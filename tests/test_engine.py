@@ -207,10 +207,11 @@ def test_depth_wise_batching_can_be_switched_off_for_comparison():
 def test_the_engine_routes_with_the_routers_as_they_are_including_a_bias():
     # Benchmarks calibrate exits by giving routers a bias; the engine's one-product router path must keep it.
     model = make("expert")
-    for router in list(model.model.expert.routers)[1:]:
-        linear = router.net
-        router.net = torch.nn.Linear(linear.in_features, 1, bias=True)
-        router.net.weight.data.copy_(linear.weight.data)
-        router.net.bias.data.fill_(-3.0)  # exits earlier than without the bias
+    router = model.model.expert.routers[1]  # decides on the second step
+    linear = router.net
+    router.net = torch.nn.Linear(linear.in_features, 1, bias=True)
+    router.net.weight.data.copy_(linear.weight.data)
+    router.net.bias.data.fill_(-1e4)  # every token stops after its first step
     out = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4).generate(prompts(), NEW_TOKENS)
     assert_matches_generate(model, out, prompts(), NEW_TOKENS)
+    assert out.stats.depth_histogram == {1: sum(NEW_TOKENS)}
