@@ -103,9 +103,11 @@ class FolderLock:
         self._file: BinaryIO | None = None  # a file object: if the holder is dropped unreleased, closing frees the lock
 
     def acquire(self) -> FolderLock:
-        """Take the lock or raise :class:`OutputError` naming the process that holds it."""
+        """Take the lock (creating the folder if needed) or raise :class:`OutputError` naming the process that holds
+        it, or why the folder cannot be written."""
         while True:
             try:
+                self.folder.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as error:
                 raise OutputError(f"cannot write to {self.folder} ({os_error_reason(error)}); choose a writable "

@@ -29,7 +29,7 @@ from mor.flops import training_flops_per_token
 from mor.train import distributed
 from mor.train.budget import Budget, resolve_budget
 from mor.config import MoRConfig
-from mor.outputs import FolderLock, OutputError, writable_folder
+from mor.outputs import FolderLock, OutputError
 from mor.train.checkpoint import (BadWeightsError, CheckpointError, last_good_checkpoint, latest_checkpoint,
                                   list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
                                   set_aside_later_checkpoints, set_rng_state)
@@ -104,7 +104,6 @@ class Trainer:
         lock, error = None, None
         if self.env.is_main:
             try:
-                writable_folder(self.run_dir, "run.out_dir")
                 lock = FolderLock(self.run_dir, "mor train").acquire()
             except OutputError as failure:
                 error = failure
