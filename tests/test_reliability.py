@@ -235,6 +235,13 @@ def test_resuming_from_exploded_weights_is_refused(data, run_copy):
         Trainer(tiny_config(data, run_copy, budget={"steps": 3}), resume="latest")
 
 
+def test_resuming_with_the_same_data_at_another_path_is_accepted(data, run_copy, tmp_path):
+    shutil.copytree(data, tmp_path / "moved")
+    trainer = Trainer(tiny_config(tmp_path / "moved", run_copy, budget={"steps": 3}), resume="latest")
+    assert trainer.step == 2
+    trainer.close()
+
+
 def test_temporary_folders_of_killed_writers_are_removed(data, tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -329,8 +336,29 @@ def test_outputs_under_a_file_fail_before_any_work(data, tmp_path):
         prepare([data.parent / "corpus.jsonl"], data.parent / "tokenizer.json", blocker, progress=False)
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes to read-only folders")
-def test_an_unwritable_run_folder_fails_before_any_work(data, tmp_path):
-    (tmp_path / "locked").mkdir(mode=0o555)
-    with pytest.raises(ConfigError, match=r"run.out_dir: cannot write to .*locked.* \(permission denied\)"):
-        Trainer(tiny_config(data, tmp_path / "locked"))
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody may write in: read-only for a user, immutable (chattr +i) for root, who ignores modes."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    elif shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode != 0:
+        pytest.skip("root needs chattr +i (CAP_LINUX_IMMUTABLE) for a folder it cannot write")
+    yield folder
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)
+
+
+def test_an_unwritable_folder_fails_before_any_work(data, read_only_folder, capsys):
+    from mor.cli import main
+
+    with pytest.raises(ConfigError, match=r"run.out_dir: cannot write to .*read-only \((permission denied|the "
+                                          r"operation is not permitted)"):
+        Trainer(tiny_config(data, read_only_folder))
+    with pytest.raises(OutputError, match=r"output folder: cannot write to .*read-only"):
+        prepare([data.parent / "corpus.jsonl"], data.parent / "tokenizer.json", read_only_folder, progress=False)
+    assert main(["eval", "nowhere", "--tasks", "copa", "--out", str(read_only_folder / "x.json")]) == 2
+    assert "--out: cannot write to" in capsys.readouterr().err  # before the checkpoint is even looked at
+    assert list(read_only_folder.iterdir()) == []

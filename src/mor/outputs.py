@@ -11,7 +11,6 @@ lock left behind by a killed process never blocks anyone: it is reported as stal
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -105,6 +104,8 @@ class FolderLock:
     def acquire(self) -> FolderLock:
         """Take the lock (creating the folder if needed) or raise :class:`OutputError` naming the process that holds
         it, or why the folder cannot be written."""
+        import fcntl  # POSIX only: imported here so that the rest of mor, the command included, loads anywhere
+
         while True:
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ shards to the exact tokenizer that made them.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -19,14 +18,14 @@ from mor.outputs import writable_file
 # Tried in this order when no end-of-document token is named. SmolLM2 and GPT-2 use "<|endoftext|>" between
 # pretraining documents (its Instruct tokenizer_config names "<|im_end|>" as eos, which is for chat turns).
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
-# The library needs about 100 bytes per character of one input (a 20 MB one-line document took 2 GB), so longer
-# documents are tokenized in pieces of about this many characters, cut where a word starts (see _pieces).
+# The library needs about 100 bytes per character of one input (a 20 MB one-line document took 2.8 GB), so longer
+# documents are tokenized in pieces of about this many characters (see _pieces).
 PIECE_CHARS = 1 << 20
-# Cuts before a space followed by a letter: with the usual pre-tokenizers (GPT-2/Llama-3 byte-level regexes,
-# Metaspace, whitespace) no token spans such a point (a digit may be split off, leaving whitespace to merge). A tokenizer that fails this check on a probe text (e.g. one
-# whose normalizer prepends "▁" to every input) gets its long documents whole, as before.
-_WORD_START = re.compile(r" (?=[^\W\d_])")
-_PROBE = ("It's 2024:  a test,\tof 12 cuts;\nnew line \n word (x=1, y = [2, 3]) and  Ünïcödé  中文 words... "
+# Pieces are cut before a space followed by a letter: no token of the usual pre-tokenizers (GPT-2/Llama-3
+# byte-level regexes, Metaspace, whitespace) spans such a point. Not before a digit: a Digits pre-tokenizer splits
+# it off and leaves the whitespace before it to merge with what precedes. A tokenizer that fails the check on a
+# probe text (e.g. one whose normalizer prepends "▁" to every input) gets its long documents whole.
+_PROBE = ("It's 2024:  a test,\tof 12 cuts ½ Ⅳ  3;\nnew line \n word (x=1, y = [2, 3]) and  Ünïcödé  中文 words... "
           "end.  Next <|endoftext|> done ")
 
 
@@ -95,33 +94,33 @@ class TextTokenizer:
                 f"eos={self.eos_token!r}:{self.eos_token_id}, sha256={self.sha256[:12]}…)")
 
 
+def _is_cut(text: str, i: int) -> bool:
+    """Whether ``text`` may be cut before position ``i``: a space followed by a letter."""
+    return text[i] == " " and i + 1 < len(text) and text[i + 1].isalpha()
+
+
 def _cuts(text: str) -> list[int]:
-    return [match.start() for match in _WORD_START.finditer(text)]
+    return [i for i in range(len(text)) if _is_cut(text, i)]
 
 
 def _pieces(text: str, size: int) -> list[str]:
-    """``text`` cut into pieces of about ``size`` characters (at most ``size`` where the text allows), each cut
-    before a space that starts a word; a stretch without one stays whole."""
+    """``text`` in pieces of at most ``size`` characters where the text allows (a stretch without a cut point
+    stays whole), each cut before a space followed by a letter."""
     pieces, start = [], 0
     while len(text) - start > size:
-        cut = _last_word_start(text, start + 1, start + size)
-        if cut is None:
-            match = _WORD_START.search(text, start + size)
-            if match is None:
+        cut = text.rfind(" ", start + 1, start + size + 1)  # the last cut point within reach
+        while cut != -1 and not _is_cut(text, cut):
+            cut = text.rfind(" ", start + 1, cut)
+        if cut == -1:  # none: the first one after
+            cut = text.find(" ", start + size + 1)
+            while cut != -1 and not _is_cut(text, cut):
+                cut = text.find(" ", cut + 1)
+            if cut == -1:
                 break
-            cut = match.start()
         pieces.append(text[start:cut])
         start = cut
     pieces.append(text[start:])
     return pieces
-
-
-def _last_word_start(text: str, low: int, high: int) -> int | None:
-    """The last position in ``[low, high]`` of a space followed by a non-space character."""
-    cut = text.rfind(" ", low, high + 1)
-    while cut != -1 and (cut + 1 >= len(text) or text[cut + 1].isspace()):
-        cut = text.rfind(" ", low, cut)
-    return None if cut == -1 else cut
 
 
 def load_tokenizer(path: str | Path, eos_token: str | None = None) -> TextTokenizer:

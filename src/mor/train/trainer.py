@@ -126,8 +126,8 @@ class Trainer:
         if state["tokens_per_step"] != self.budget.tokens_per_step:
             raise CheckpointError(f"{path} was trained with {state['tokens_per_step']} tokens per step, this config "
                                   f"has {self.budget.tokens_per_step}; keep batch and data.seq_len of the run")
-        saved_data = state.get("data_fingerprint")  # absent in checkpoints of older versions
-        if saved_data is not None and saved_data != self.train_shards.index["fingerprint"]:
+        saved_data = state.get("data_shards")  # absent in checkpoints of older versions
+        if saved_data is not None and saved_data != self._data_shards():
             raise CheckpointError(f"{path} was trained on other data than data.path {self.config.data.path} holds "
                                   f"(the run's was {state['config']['data']['path']}); resume with the run's data or "
                                   "start a new run directory")
@@ -312,7 +312,7 @@ class Trainer:
     def save(self) -> Path:
         trainer_state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
                          "tokens_per_step": self.budget.tokens_per_step, "config": self.config.to_dict(),
-                         "data_fingerprint": self.train_shards.index["fingerprint"]}
+                         "data_shards": self._data_shards()}
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state()}
         try:
             return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.model_config,
@@ -320,6 +320,11 @@ class Trainer:
                                    tokenizer=Path(self.config.data.path) / "tokenizer.json")
         except BadWeightsError as error:
             self._diverged(f"the parameters are unusable ({error})", step=self.step)
+
+    def _data_shards(self) -> list[str]:
+        """What identifies the training tokens: the SHA-256 of each shard (the same data moved or prepared again
+        from the same inputs keeps them)."""
+        return [shard["sha256"] for shard in self.train_shards.index["splits"][self.train_shards.split]["shards"]]
 
     @contextlib.contextmanager
     def _stop_signals(self):
