@@ -4,6 +4,7 @@ only with ``--debug`` or ``MOR_DEBUG=1``. docs/reliability.md lists the cases.""
 from __future__ import annotations
 
 import errno
+import pickle
 import shutil
 
 import pytest
@@ -12,7 +13,7 @@ from test_train_support import make_dataset, tiny_config
 
 from mor.cli import main
 from mor.data import prepare
-from mor.errors import split_debug_flag
+from mor.errors import describe, split_debug_flag
 from mor.train import train
 from mor.train.checkpoint import latest_checkpoint
 
@@ -127,6 +128,27 @@ def test_bugs_are_one_line_and_debug_shows_the_traceback(workspace, capsys, monk
         assert main(debug_argv) == 1
         err = capsys.readouterr().err
         assert err.startswith("Traceback") and "KeyError: 'splits'" in err
+
+
+@pytest.mark.parametrize("error, expected", [
+    (OSError(errno.EACCES, "Permission denied", "/data/x"),
+     "cannot use /data/x: permission denied; fix its permissions or write elsewhere"),
+    (FileNotFoundError("no tokenizer at x: give a tokenizer.json"), "no tokenizer at x: give a tokenizer.json"),
+    (pickle.UnpicklingError("Weights only load failed.\n Re-running with weights_only=False will likely succeed"),
+     "a file is not a safe checkpoint: it holds Python objects other than tensors, which could run code when loaded, "
+     "so it was refused; use a file from a source you trust"),
+    (MemoryError(), "out of memory; use a smaller batch (batch.micro_batch_size, --batch-size) or sequence length, or "
+                    "a machine with more memory"),
+    (ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib"),
+     "No module named 'matplotlib'; install the package that provides it (pip install 'mor[all]' brings every "
+     "optional one)"),
+    (yaml.YAMLError("while parsing\n  a flow sequence"), "while parsing a flow sequence"),
+    (ValueError("top_p must lie in (0, 1]"), "top_p must lie in (0, 1]"),
+    (RuntimeError("boom"), "internal error (RuntimeError: boom); this is a bug in mor: run again with --debug (or "
+                           "MOR_DEBUG=1) for the traceback and report it"),
+], ids=["system", "mor-file-not-found", "unpickling", "memory", "missing-module", "yaml", "value", "bug"])
+def test_each_kind_of_error_is_described_in_one_line(error, expected):
+    assert describe(error) == expected
 
 
 def test_debug_flag_is_left_to_passthrough_commands(monkeypatch):

@@ -51,7 +51,9 @@ def report_error(error: Exception, debug: bool) -> int:
 def describe(error: BaseException) -> str:
     """One line that says what went wrong and, where mor knows it, what to do."""
     message = " ".join(str(error).split())
-    if isinstance(error, OSError) and error.filename is not None:  # raised by the system, not with mor's message
+    if isinstance(error, OSError):
+        if error.filename is None:  # raised by mor, with its own message (e.g. FileNotFoundError "give ...")
+            return message
         fix = _OS_FIXES.get(error.errno, "check the path")
         return f"cannot use {error.filename}: {os_error_reason(error)}; {fix}"
     if isinstance(error, pickle.UnpicklingError):
@@ -60,6 +62,8 @@ def describe(error: BaseException) -> str:
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
         return ("out of memory; use a smaller batch (batch.micro_batch_size, --batch-size) or sequence length, or "
                 "a machine with more memory")
+    if isinstance(error, ModuleNotFoundError) and "pip install" not in message:
+        return f"{message}; install the package that provides it (pip install 'mor[all]' brings every optional one)"
     if isinstance(error, (ValueError, ImportError)) or _is_yaml_error(error):
         return message or type(error).__name__
     return (f"internal error ({type(error).__name__}: {message}); this is a bug in mor: run again with --debug "

@@ -24,12 +24,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mor import MoRForCausalLM
+from mor.config import MoRConfig
 from mor.data import PackedBatches, TokenShards, sequential_batches
 from mor.flops import training_flops_per_token
+from mor.outputs import FolderLock, OutputError
 from mor.train import distributed
 from mor.train.budget import Budget, resolve_budget
-from mor.config import MoRConfig
-from mor.outputs import FolderLock, OutputError
 from mor.train.checkpoint import (BadWeightsError, CheckpointError, last_good_checkpoint, latest_checkpoint,
                                   list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
                                   set_aside_later_checkpoints, set_rng_state)
