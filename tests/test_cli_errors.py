@@ -72,6 +72,7 @@ CASES = {
                                "--out", "{root}/afile"], "output folder: {root}/afile is a file, not a folder", 1),
     "prepare-other-inputs": (["data", "prepare", "{root}/corpus.jsonl", "--tokenizer", "{root}/tokenizer.json",
                               "--out", "{root}/other-data"], "pass --overwrite", 1),
+    "sample-into-other-data": (["data", "sample", "--out", "{root}/other-data"], "pass --overwrite", 1),
 }
 
 
@@ -95,6 +96,16 @@ def test_bad_option_values_are_usage_errors(workspace, capsys, argv, expected):
     with pytest.raises(SystemExit) as exit_:
         main([arg.format(root=workspace) for arg in argv])
     assert exit_.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_sample_passes_overwrite_on(workspace, monkeypatch):
+    import mor.data.cli
+
+    calls = []
+    monkeypatch.setattr(mor.data.cli, "prepare_sample", lambda out, **kwargs: calls.append(kwargs) or {})
+    monkeypatch.setattr(mor.data.cli, "_summary", lambda index: "")
+    assert main(["data", "sample", "--out", str(workspace / "other-data"), "--overwrite"]) == 0
+    assert calls == [{"overwrite": True}]
 
 
 def test_system_errors_name_the_path_and_the_fix(workspace, capsys, monkeypatch):

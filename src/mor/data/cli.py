@@ -51,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = data_commands.add_parser("sample", help="prepare the bundled sample corpus with the bundled tokenizer")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset of other inputs already in OUT")
     p.set_defaults(func=_sample)
 
     tokenizer = subparsers.add_parser("tokenizer", help="train tokenizers")
@@ -131,7 +132,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     try:
-        print(_summary(prepare_sample(args.out)))
+        print(_summary(prepare_sample(args.out, overwrite=args.overwrite)))
     except ValueError as error:
         return _fail(error)
     return 0
