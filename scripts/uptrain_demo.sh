@@ -91,7 +91,7 @@ if stage train; then
   for name in $MODELS; do
     say "train $name (configs/uptrain/$name.yaml)"
     # shellcheck disable=SC2086  # TRAIN_ARGS holds several options
-    mor train --dry-run "configs/uptrain/$name.yaml" $TRAIN_ARGS
+    mor train --dry-run "configs/uptrain/$name.yaml" --resume $TRAIN_ARGS
     # shellcheck disable=SC2086
     mor train "configs/uptrain/$name.yaml" --resume $TRAIN_ARGS  # continues an interrupted run, starts fresh otherwise
   done

@@ -94,8 +94,13 @@ def test_rerun_is_idempotent_and_rebuilds_on_change(tmp_path, capsys):
     prepare([tmp_path / "c.jsonl"], sample_tokenizer_path(), out, val_fraction=0.1, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {k: v[0] for k, v in snapshot.items()}
 
-    corpus(tmp_path / "c.jsonl", 30, seed=1)  # new content: new output, old shards gone
-    changed = prepare([tmp_path / "c.jsonl"], sample_tokenizer_path(), out, val_fraction=0.1, progress=False)
+    corpus(tmp_path / "c.jsonl", 30, seed=1)  # new content: replaced only when asked, old shards gone
+    with pytest.raises(DataError, match="already holds a dataset prepared from other inputs .different sources.; "
+                                        "pass --overwrite"):
+        prepare([tmp_path / "c.jsonl"], sample_tokenizer_path(), out, val_fraction=0.1, progress=False)
+    assert read_index(out) == first
+    changed = prepare([tmp_path / "c.jsonl"], sample_tokenizer_path(), out, val_fraction=0.1, overwrite=True,
+                      progress=False)
     assert changed["fingerprint"] != first["fingerprint"] and changed["splits"]["train"]["documents"] == 27
 
 
@@ -128,7 +133,7 @@ def test_crash_mid_run_leaves_nothing_that_looks_complete(tmp_path, monkeypatch)
     monkeypatch.setattr(prepare_module.ShardWriter, "write", crash_on_third_write)
     with pytest.raises(RuntimeError, match="simulated crash"):
         prepare([tmp_path / "new.jsonl"], sample_tokenizer_path(), out, val_fraction=0.1, shard_tokens=64,
-                progress=False)
+                overwrite=True, progress=False)
     assert not (out / "index.json").exists() and shard_files(out) == []  # the old output is gone too
     with pytest.raises(FileNotFoundError, match="no index.json"):
         TokenShards(out)

@@ -1,6 +1,7 @@
 """Hugging Face Llama / GGUF import, export and Auto-class loading: logits must match exactly (fp32)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -57,6 +58,19 @@ def test_import_pytorch_bin(tmp_path):
     torch.save(state, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(hf.config.to_json_string())
     assert_same_logits(load_hf_llama(tmp_path), hf, tokens())
+
+
+def test_import_refuses_an_unsafe_pytorch_bin(tmp_path):
+    class Payload:  # unpickling it would run a shell command
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    hf = tiny_llama()
+    torch.save({**hf.state_dict(), "extra": Payload()}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(hf.config.to_json_string())
+    with pytest.raises(ValueError, match="pytorch_model.bin is not a safe checkpoint") as error:
+        load_hf_llama(tmp_path)
+    assert "weights_only" not in str(error.value) and not (tmp_path / "pwned").exists()
 
 
 def test_import_casts_to_requested_dtype(tmp_path):

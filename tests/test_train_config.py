@@ -178,8 +178,10 @@ def test_quickstart_config_is_valid():
 
 
 def test_cli_dry_run_and_error_exit_codes(tmp_path, capsys):
-    assert main(["train", str(CONFIGS / "paper" / "vanilla.yaml"), "--dry-run", "--world-size", "4"]) == 0
-    assert "9,438 steps" in capsys.readouterr().out
+    # The plan is printed, then the checks of a real run fail: the paper's data is not prepared here.
+    assert main(["train", str(CONFIGS / "paper" / "vanilla.yaml"), "--dry-run", "--world-size", "4"]) == 2
+    out, err = capsys.readouterr()
+    assert "9,438 steps" in out and "data.path: data/fineweb-edu-dedup is not a prepared token folder" in err
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(minimal(optim={"lr": "abc"})))
     assert main(["train", str(bad)]) == 2

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from mor.errors import report_error, split_debug_flag
+
 # Modules that define ``register(subparsers)``; a missing optional dependency only hides its commands.
 COMMAND_MODULES = (
     "mor.model.cli",
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv, debug = split_debug_flag(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # one line, not a traceback (see mor.errors)
+        return report_error(error, debug)
 
 
 if __name__ == "__main__":

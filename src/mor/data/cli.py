@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
-from mor.data.prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, prepare
+from mor.data.prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, damaged_files, prepare
 from mor.data.sample import prepare_sample
 from mor.data.shards import TokenShards, read_index
 from mor.data.sources import DataError
@@ -26,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = data_commands.add_parser("prepare", help="tokenize corpora into memory-mapped token shards",
                                  description="Tokenize SOURCES into OUT: uint16/uint32 token shards, a copy of the "
                                              "tokenizer and index.json (written last). Re-running with the same "
-                                             "inputs does nothing.")
+                                             "inputs checks the shards and does nothing else; a folder prepared "
+                                             "from other inputs is replaced only with --overwrite.")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=SOURCES_HELP)
     p.add_argument("--tokenizer", required=True, help="tokenizer.json or a folder holding one")
     p.add_argument("--out", required=True, help="output folder")
@@ -37,19 +37,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="a validation source instead (repeat for several)")
     _common_options(p)
     p.add_argument("--eos-token", default=None, help="end-of-document token (default: <|endoftext|> or </s>)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=_positive_int, default=1,
                    help="tokenizer processes; 1 tokenizes in this process with the library's threads (default)")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
+    p.add_argument("--shard-tokens", type=_positive_int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset of other inputs already in OUT")
     p.set_defaults(func=_prepare)
 
     p = data_commands.add_parser("inspect", help="print the summary of a prepared folder")
     p.add_argument("dir", help="prepared folder")
     p.add_argument("--verify", action="store_true", help="check every shard's sha256")
-    p.add_argument("--show", type=int, default=0, metavar="N", help="decode the first N train tokens")
+    p.add_argument("--show", type=_non_negative_int, default=0, metavar="N", help="decode the first N train tokens")
     p.set_defaults(func=_inspect)
 
     p = data_commands.add_parser("sample", help="prepare the bundled sample corpus with the bundled tokenizer")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset of other inputs already in OUT")
     p.set_defaults(func=_sample)
 
     tokenizer = subparsers.add_parser("tokenizer", help="train tokenizers")
@@ -67,6 +69,20 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="JSON field or column holding the text (default text)")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _fail(error: Exception) -> int:
     print(f"error: {error}", file=sys.stderr)
     return 1
@@ -76,7 +92,7 @@ def _prepare(args: argparse.Namespace) -> int:
     try:
         index = prepare(args.sources, load_tokenizer(args.tokenizer, args.eos_token), args.out, val_sources=args.val,
                         val_fraction=args.val_fraction, text_field=args.text_field, workers=args.workers,
-                        shard_tokens=args.shard_tokens)
+                        shard_tokens=args.shard_tokens, overwrite=args.overwrite)
     except (DataError, FileNotFoundError, ValueError, ImportError) as error:
         return _fail(error)
     print(_summary(index))
@@ -102,9 +118,9 @@ def _inspect(args: argparse.Namespace) -> int:
         return _fail(error)
     print(_summary(index))
     if args.verify:
-        bad = [s["file"] for info in index["splits"].values() for s in info["shards"]
-               if hashlib.sha256((Path(args.dir) / s["file"]).read_bytes()).hexdigest() != s["sha256"]]
-        print("verify: " + (f"{len(bad)} shard(s) differ from the index: {bad}" if bad else "all shards match"))
+        bad = damaged_files(Path(args.dir), index)
+        print("verify: " + (f"{len(bad)} file(s) differ from the index: {', '.join(bad)}; prepare the folder again"
+                            if bad else "all shards match"))
         if bad:
             return 1
     if args.show:
@@ -115,7 +131,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    print(_summary(prepare_sample(args.out)))
+    try:
+        print(_summary(prepare_sample(args.out, overwrite=args.overwrite)))
+    except ValueError as error:
+        return _fail(error)
     return 0
 
 

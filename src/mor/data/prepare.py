@@ -11,6 +11,10 @@ Layout of a prepared folder::
 Every document is tokenized without special tokens and followed by one end-of-document token (id 0,
 ``<|endoftext|>``, for SmolLM2). The token stream of a split does not depend on the batch size or the number of
 workers, and shards are cut at a fixed token count, so the same inputs always give the same bytes.
+
+One process at a time prepares a folder (an OS lock on ``.lock``, see :class:`mor.outputs.FolderLock`). The index
+records the SHA-256 of every shard: a re-run with the same inputs checks them before it says there is nothing to
+do, and a folder that holds a dataset of other inputs is replaced only when asked (``overwrite``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from tqdm.auto import tqdm
 
 from mor.data.sources import DataError, Source, iter_documents, parse_source
 from mor.data.tokenizer import TextTokenizer, load_tokenizer
+from mor.integrity import sha256_file
+from mor.outputs import FolderLock, writable_folder
 
 FORMAT = "mor-token-shards"
 VERSION = 1
@@ -52,12 +58,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Appends one split's tokens to shards of ``shard_tokens`` tokens, each under a temporary name.
 
-    ``commit()`` renames the finished shards to their final names; ``discard()`` deletes everything written.
+    ``commit()`` renames the finished shards to their final names; ``discard()`` deletes what this writer wrote
+    (its temporary files, and the shards it committed), never a file it did not write.
     """
 
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
         self.shards: list[dict[str, Any]] = []
+        self.committed = 0  # shards renamed to their final names
         self.tokens = 0
         self.documents = 0
         self._file: BinaryIO | None = None
@@ -95,6 +103,7 @@ class ShardWriter:
         self._close()
         for number, shard in enumerate(self.shards):
             self._tmp_path(number).replace(self.out_dir / shard["file"])
+            self.committed = number + 1
         return self.shards
 
     def discard(self) -> None:
@@ -103,7 +112,8 @@ class ShardWriter:
             self._file = None
         for number, shard in enumerate(self.shards):
             self._tmp_path(number).unlink(missing_ok=True)
-            (self.out_dir / shard["file"]).unlink(missing_ok=True)
+            if number < self.committed:
+                (self.out_dir / shard["file"]).unlink(missing_ok=True)
 
 
 def _encode(tok: TextTokenizer, split: str, texts: list[str], dtype: np.dtype) -> tuple[str, np.ndarray, int]:
@@ -160,24 +170,31 @@ def _tasks(documents: Iterator[tuple[str, str]], batch: int) -> Iterator[tuple[s
             yield split, texts
 
 
-def _complete_index(out_dir: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The existing index if ``out_dir`` already holds a complete preparation of the same inputs."""
+def _existing_index(out_dir: Path) -> dict[str, Any] | None:
     try:
         index = json.loads((out_dir / INDEX_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if index.get("fingerprint") != fingerprint:
-        return None
+    return index if isinstance(index, dict) and index.get("format") == FORMAT else None
+
+
+def damaged_files(out_dir: Path, index: dict[str, Any]) -> list[str]:
+    """The files of a prepared folder that are missing or differ from the index (size, then SHA-256)."""
     itemsize = np.dtype(index["dtype"]).itemsize
-    for split in index["splits"].values():
-        for shard in split["shards"]:
-            file = out_dir / shard["file"]
-            if not file.is_file() or file.stat().st_size != shard["tokens"] * itemsize:
-                return None
-    tokenizer = out_dir / TOKENIZER_FILE
-    if not tokenizer.is_file() or hashlib.sha256(tokenizer.read_bytes()).hexdigest() != index["tokenizer"]["sha256"]:
-        return None
-    return index
+    expected: list[tuple[str, int | None, str]] = [
+        (shard["file"], shard["tokens"] * itemsize, shard["sha256"])
+        for split in index["splits"].values() for shard in split["shards"]]
+    expected.append((TOKENIZER_FILE, None, index["tokenizer"]["sha256"]))
+    damaged = []
+    for name, size, sha256 in expected:
+        file = out_dir / name
+        if not file.is_file():
+            damaged.append(f"{name} (missing)")
+        elif size is not None and file.stat().st_size != size:
+            damaged.append(f"{name} ({file.stat().st_size} bytes, expected {size})")
+        elif sha256_file(file) != sha256:
+            damaged.append(f"{name} (checksum differs)")
+    return damaged
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -192,13 +209,14 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def prepare(sources: Sequence[str | Path | Source], tokenizer: str | Path | TextTokenizer, out_dir: str | Path, *,
             val_sources: Sequence[str | Path | Source] = (), val_fraction: float | None = None,
             text_field: str = "text", workers: int = 1, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            progress: bool = True) -> dict[str, Any]:
+            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Tokenize ``sources`` into token shards in ``out_dir`` and return the index.
 
     The validation split is either the given ``val_sources`` or every ``1/val_fraction``-th train document
-    (default 1 %). ``workers > 1`` tokenizes in that many processes. When ``out_dir`` already holds a complete
-    preparation of the same inputs (same file contents, tokenizer and settings), nothing is redone. An interrupted
-    or failed run leaves no index and, where it could clean up, no shards.
+    (default 1 %). ``workers > 1`` tokenizes in that many processes. When ``out_dir`` already holds a complete,
+    intact preparation of the same inputs (same file contents, tokenizer and settings), nothing is redone; one of
+    other inputs is replaced only with ``overwrite``. An interrupted or failed run leaves no index and, where it
+    could clean up, no shards.
     """
     if not sources:
         raise ValueError("give at least one training source")
@@ -210,6 +228,8 @@ def prepare(sources: Sequence[str | Path | Source], tokenizer: str | Path | Text
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     tok = tokenizer if isinstance(tokenizer, TextTokenizer) else load_tokenizer(tokenizer)
     train = [parse_source(s) for s in sources]
     val = [parse_source(s) for s in val_sources]
@@ -224,37 +244,47 @@ def prepare(sources: Sequence[str | Path | Source], tokenizer: str | Path | Text
         "sources": {"train": [s.fingerprint() for s in train], "val": [s.fingerprint() for s in val]},
     }
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    existing = _complete_index(out_dir, fingerprint)
-    if existing is not None:
-        if progress:
-            print(f"{out_dir} is already prepared from these inputs: nothing to do")
-        return existing
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / INDEX_FILE).unlink(missing_ok=True)  # from now on the folder is incomplete
-    for stale in out_dir.iterdir():
-        if _OUTPUT_FILE.match(stale.name):
-            stale.unlink()
-    writers = {split: ShardWriter(out_dir, split, dtype, shard_tokens) for split in SPLITS}
-    try:
-        _tokenize_into(writers, _tasks(_labelled_documents(train, val, fraction, text_field), _BATCH_DOCUMENTS),
-                       tok, dtype, workers, progress)
-        if writers["train"].tokens == 0:
-            raise DataError("no training documents: every document went to the validation split")
-        if fraction and writers["val"].documents == 0:
-            raise DataError(f"the validation split is empty: {writers['train'].documents} documents with "
-                            f"val_fraction={float(fraction):g} give none (the first validation document is number "
-                            f"{-(-fraction.denominator // fraction.numerator)}); raise --val-fraction or pass --val")
-        splits = {split: {"documents": w.documents, "tokens": w.tokens, "shards": w.commit()}
-                  for split, w in writers.items()}
-        index = dict(settings, fingerprint=fingerprint, splits=splits)
-        _write_atomic(out_dir / TOKENIZER_FILE, tok.path.read_bytes())
-        _write_atomic(out_dir / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
-    except BaseException:
-        for writer in writers.values():
-            writer.discard()
-        raise
-    return index
+    writable_folder(out_dir, "output folder")
+    with FolderLock(out_dir, "mor data prepare"):
+        existing = _existing_index(out_dir)
+        if existing is not None and existing.get("fingerprint") == fingerprint:
+            damaged = damaged_files(out_dir, existing)
+            if not damaged:
+                if progress:
+                    print(f"{out_dir} is already prepared from these inputs: nothing to do")
+                return existing
+            if progress:
+                print(f"{out_dir}: {', '.join(damaged[:3])}{' ...' if len(damaged) > 3 else ''}; preparing it again")
+        elif existing is not None and not overwrite:
+            changed = [key for key in settings if existing.get(key) != settings[key]]
+            raise DataError(f"{out_dir} already holds a dataset prepared from other inputs (different "
+                            f"{', '.join(changed) or 'settings'}); pass --overwrite (overwrite=True) to replace it, "
+                            "or choose another output folder")
+        (out_dir / INDEX_FILE).unlink(missing_ok=True)  # from now on the folder is incomplete
+        for stale in out_dir.iterdir():
+            if _OUTPUT_FILE.match(stale.name):
+                stale.unlink()
+        writers = {split: ShardWriter(out_dir, split, dtype, shard_tokens) for split in SPLITS}
+        try:
+            _tokenize_into(writers, _tasks(_labelled_documents(train, val, fraction, text_field), _BATCH_DOCUMENTS),
+                           tok, dtype, workers, progress)
+            if writers["train"].tokens == 0:
+                raise DataError("no training documents: every document went to the validation split")
+            if fraction and writers["val"].documents == 0:
+                first = -(-fraction.denominator // fraction.numerator)
+                raise DataError(f"the validation split is empty: {writers['train'].documents} documents with "
+                                f"val_fraction={float(fraction):g} give none (the first validation document is "
+                                f"number {first}); raise --val-fraction or pass --val")
+            splits = {split: {"documents": w.documents, "tokens": w.tokens, "shards": w.commit()}
+                      for split, w in writers.items()}
+            index = dict(settings, fingerprint=fingerprint, splits=splits)
+            _write_atomic(out_dir / TOKENIZER_FILE, tok.path.read_bytes())
+            _write_atomic(out_dir / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
+        except BaseException:
+            for writer in writers.values():
+                writer.discard()
+            raise
+        return index
 
 
 def _tokenize_into(writers: dict[str, ShardWriter], tasks: Iterator[tuple[str, list[str]]], tok: TextTokenizer,

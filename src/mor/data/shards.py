@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from mor.data.prepare import FORMAT, INDEX_FILE, SPLITS, TOKENIZER_FILE, VERSION
+from mor.data.sources import DataError
 
 
 def read_index(path: str | Path) -> dict[str, Any]:
@@ -31,7 +32,9 @@ def read_index(path: str | Path) -> dict[str, Any]:
 class TokenShards:
     """The token stream of one split: its shards memory-mapped and read as one array.
 
-    ``len()`` is the number of tokens. Opening checks that every shard exists with the size the index states.
+    ``len()`` is the number of tokens. Opening checks that every shard exists with the size the index states;
+    every read checks that the ids lie within the tokenizer's vocabulary (so corrupt bytes stop with a message
+    naming the shard, not deep inside the model), which costs a comparison per token read.
     """
 
     def __init__(self, path: str | Path, split: str = "train") -> None:
@@ -84,9 +87,18 @@ class TokenShards:
             begin = start + done - int(self._offsets[shard])
             take = min(length - done, self._arrays[shard].size - begin)
             out[done:done + take] = self._arrays[shard][begin:begin + take]
+            if take and int(out[done:done + take].max()) >= self.vocab_size:
+                self._corrupt(shard, begin, out[done:done + take])
             done += take
             shard += 1
         return out
+
+    def _corrupt(self, shard: int, begin: int, tokens: np.ndarray) -> NoReturn:
+        at = int(np.argmax(tokens >= self.vocab_size))
+        file = self.path / self.index["splits"][self.split]["shards"][shard]["file"]
+        raise DataError(f"{file} holds token id {int(tokens[at])} at position {begin + at}, outside the "
+                        f"{self.vocab_size} tokens of the tokenizer that prepared it: the shard is corrupt; check "
+                        f"the folder with `mor data inspect {self.path} --verify` and prepare it again")
 
     def __repr__(self) -> str:
         return (f"TokenShards({str(self.path)!r}, split={self.split!r}, tokens={len(self):,}, "

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from mor.data.tokenizer import TextTokenizer, load_tokenizer
+from mor.integrity import verify_manifest
 from mor.model import MoRForCausalLM
+from mor.model.mor import CONFIG_NAME, WEIGHTS_NAME
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,12 +25,14 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
 
 
 def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, device: str = "cpu",
-                    dtype: str = "auto", backend: str = "mor") -> tuple[torch.nn.Module, TextTokenizer]:
+                    dtype: str = "auto", backend: str = "mor",
+                    verify: bool = True) -> tuple[torch.nn.Module, TextTokenizer]:
     """The model in eval mode on ``device`` and the tokenizer: ``tokenizer`` if given, else the checkpoint's
     own ``tokenizer.json``.
 
     ``backend="mor"`` loads a ``save_pretrained`` directory as :class:`MoRForCausalLM`; ``backend="transformers"``
     loads a Hugging Face folder or a ``.gguf`` file with ``transformers.AutoModelForCausalLM`` instead.
+    ``verify`` checks the files that a ``manifest.json`` in the folder lists (see ``MoRForCausalLM.from_pretrained``).
     """
     if backend not in ("mor", "transformers"):
         raise ValueError(f"backend must be 'mor' or 'transformers', got {backend!r}")
@@ -38,11 +42,16 @@ def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, devic
         expected = ("a Hugging Face checkpoint folder or a .gguf file" if backend == "transformers" else
                     "the folder that save_pretrained wrote (config.json + model.safetensors)")
         raise FileNotFoundError(f"checkpoint {path} is not a directory; give {expected}")
+    if backend == "mor" and not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{path} is not a mor checkpoint (no {CONFIG_NAME}); give the folder that "
+                                f"save_pretrained or training wrote ({CONFIG_NAME} + {WEIGHTS_NAME})")
     if tokenizer is None:
         if gguf or not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path} holds no tokenizer.json; pass the tokenizer the model was trained "
                                     "with (--tokenizer PATH)")
         tokenizer = path
+        if verify:
+            verify_manifest(path, ["tokenizer.json"])
     text_tokenizer = load_tokenizer(tokenizer)
     torch_dtype = resolve_dtype(dtype, device)
     if backend == "transformers":
@@ -51,7 +60,7 @@ def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, devic
         folder, gguf_file = (path.parent, {"gguf_file": path.name}) if gguf else (path, {})
         model = AutoModelForCausalLM.from_pretrained(str(folder), **gguf_file, dtype=torch_dtype).to(device).eval()
     else:
-        model = MoRForCausalLM.from_pretrained(path, map_location=device, dtype=torch_dtype).eval()
+        model = MoRForCausalLM.from_pretrained(path, map_location=device, dtype=torch_dtype, verify=verify).eval()
     if text_tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {text_tokenizer.path} has {text_tokenizer.vocab_size} tokens but the model's "
                          f"vocabulary holds {model.config.vocab_size}; pass the tokenizer it was trained with")

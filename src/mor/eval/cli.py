@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from mor.eval.checkpoint import load_checkpoint
+from mor.outputs import writable_file
 from mor.eval.perplexity import evaluate_perplexity, source_rows
 from mor.eval.results import Metric, markdown_table, write_json
 from mor.eval.scoring import routing_modes
@@ -54,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="load CHECKPOINT (a Hugging Face folder or a .gguf file) with "
                              "transformers.AutoModelForCausalLM: reference numbers of an original model under "
                              "the same protocol")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking the checkpoint's files against its manifest.json (saves reading very "
+                             "large files twice)")
     parser.set_defaults(func=run_eval)
 
     # prefix_chars="+": every "-..." argument is lm-eval's, passed through untouched.
@@ -75,12 +79,20 @@ def run_eval(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             print(f"mor eval: --{name.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
             return 2
-    # Read every input before the first forward pass, so that bad input fails in seconds, not after hours.
+    # Read every input, and check the output, before the first forward pass: bad input fails in seconds, not
+    # after hours.
     try:
+        if args.out:
+            writable_file(args.out, "--out")
         tasks = resolve_tasks(args.tasks) if args.tasks else []
         model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.device, args.dtype,
-                                           backend="transformers" if args.transformers else "mor")
-        seq_len = args.seq_len or min(2048, model.config.max_position_embeddings)
+                                           backend="transformers" if args.transformers else "mor", verify=args.verify)
+        context = model.config.max_position_embeddings
+        for name in ("seq_len", "max_length"):
+            if (getattr(args, name) or 0) > context:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} exceeds the model's context "
+                                 f"(max_position_embeddings {context}); use at most {context}")
+        seq_len = args.seq_len or min(2048, context)
         rows = {source: list(islice(source_rows(source, tokenizer, seq_len, model.config.vocab_size),
                                     args.perplexity_rows)) for source in args.perplexity}
         docs = {task.name: load_docs(task, args.data_dir) for task in tasks}

@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="auto = bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip checking the checkpoint's files against its manifest.json")
     parser.set_defaults(func=run_generate)
 
 
@@ -45,7 +47,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from mor.infer.streaming import TextStreamer, depth_legend
 
     try:
-        model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.device, args.dtype)
+        model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.device, args.dtype,
+                                           verify=args.verify)
         prompt = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_token_id]
         streamer = TextStreamer(tokenizer, color_depth=args.color_depth, stop_token_ids={tokenizer.eos_token_id})
         if args.prompt:

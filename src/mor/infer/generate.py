@@ -55,6 +55,20 @@ def check_prompts(lengths: Sequence[int], max_new_tokens: int, context: int, fir
                              f"for at most {max(context - n, 0)} new tokens")
 
 
+def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
+    """Clear errors for prompts that are not integer token ids of the model's vocabulary."""
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}; tokenize the text and pass "
+                         "the ids as a long tensor")
+    if input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids holds no prompts (shape {tuple(input_ids.shape)}); give at least one row")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids holds token id {bad}, outside the model's vocabulary (0 to {vocab_size - 1}); "
+                         "tokenize with the model's tokenizer and pad with a real token id")
+
+
 def _prompt_mask(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor | None:
     if attention_mask is None:
         return None
@@ -132,6 +146,7 @@ def generate(
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, seq_len] tensor of token ids, got shape "
                          f"{tuple(input_ids.shape)}; an empty prompt needs at least one token (e.g. BOS/EOS)")
+    check_token_ids(input_ids, model.config.vocab_size)
     mask = _prompt_mask(input_ids, attention_mask)
     batch = input_ids.shape[0]
     prompt_lengths = [input_ids.shape[1]] * batch if mask is None else mask.sum(1).tolist()

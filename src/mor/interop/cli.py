@@ -22,6 +22,7 @@ from mor.config import KV_CACHES, MoRConfig
 from mor.interop.llama import UnsupportedCheckpointError, export_hf, load_hf_llama
 from mor.interop.recursive import INITS, RECURSIVE_SHARING, source_layers, to_recursive
 from mor.model import MoRForCausalLM
+from mor.outputs import writable_folder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja")
@@ -73,6 +74,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--tokenizer {args.tokenizer} does not exist")
     if (args.out / "config.json").exists() and not args.overwrite:
         raise ValueError(f"{args.out} already holds a checkpoint; choose another folder or pass --overwrite")
+    writable_folder(args.out, "OUT", create=False)
     model = load_any(args.src)
     if recursive is not None:
         model = to_recursive(model, **recursive)

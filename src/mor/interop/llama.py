@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from mor.config import MoRConfig
+from mor.integrity import safe_torch_load, save_safetensors
 from mor.model import MoRForCausalLM
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -163,7 +164,7 @@ def _read_weights(folder: Path) -> dict[str, Tensor]:
 
 
 def _load_bin(file: Path) -> dict[str, Tensor]:
-    return torch.load(file, map_location="cpu", weights_only=True)  # tensors only: no code runs from the file
+    return safe_torch_load(file)  # tensors only: no code runs from the file
 
 
 def _weight_files(folder: Path, index: str, single: str) -> list[Path]:
@@ -233,8 +234,6 @@ def export_hf(model: MoRForCausalLM, directory: str | Path) -> Path:
         raise UnsupportedCheckpointError(
             "kv_cache='share' reuses the keys/values of the first recursion in later ones, which an unrolled Llama "
             "cannot express; only recursion-wise caching (kv_cache='recursion') models can be exported")
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     layers = model.model.layers
@@ -252,7 +251,7 @@ def export_hf(model: MoRForCausalLM, directory: str | Path) -> Path:
     state = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
     dtype = model.model.embed_tokens.weight.dtype
     tmp = directory / (SAFETENSORS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
+    save_safetensors(state, tmp, metadata={"format": "pt"})
     tmp.replace(directory / SAFETENSORS)
     hf_config = config_to_hf(config, plan.num_positions, dtype)
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mor.config import ROUTING_MODES, MoRConfig
+from mor.integrity import CheckpointError, save_safetensors, verify_manifest, weight_problem
 from mor.model.kv_cache import KVCache
 from mor.model.layers import KV, DecoderLayer, RMSNorm, RotaryEmbedding, TokenLayout, allowed_attention
 from mor.model.routing import ExpertChoice, RoutingResult, Selection, TokenChoice, pack
@@ -364,22 +365,24 @@ class MoRForCausalLM(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors`` (tied tensors stored once)."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")
         tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        save_safetensors(state, tmp, metadata={"format": "pt"})
         tmp.replace(directory / WEIGHTS_NAME)
         self.config.save(directory / CONFIG_NAME)
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, map_location: str | torch.device = "cpu", dtype: torch.dtype | None = None
+        cls, directory: str | Path, map_location: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+        verify: bool = True,
     ) -> "MoRForCausalLM":
+        """Load a ``save_pretrained`` folder (or a training checkpoint). When the folder has a ``manifest.json``,
+        the files are first checked against its checksums; ``verify=False`` skips that (it reads every byte once
+        more, which takes a while for very large files). Weights holding NaN or infinities are refused."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -389,6 +392,8 @@ class MoRForCausalLM(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: a checkpoint directory holds {CONFIG_NAME} and "
                                         f"{WEIGHTS_NAME} (written by save_pretrained)")
+        if verify:
+            verify_manifest(directory, (CONFIG_NAME, WEIGHTS_NAME))
         try:
             config = MoRConfig.load(config_path)
         except (json.JSONDecodeError, TypeError) as error:
@@ -414,6 +419,10 @@ class MoRForCausalLM(nn.Module):
                 details.append("shape mismatch " + ", ".join(
                     f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5]))
             raise ValueError(f"{weights_path} does not match {config_path}: " + "; ".join(details))
+        problem = weight_problem(state)
+        if problem is not None:
+            raise CheckpointError(f"{weights_path}: {problem}; the checkpoint is unusable (a diverged run, or "
+                                  "corrupt bytes): use an earlier checkpoint")
         model.load_state_dict(state, strict=False)
         model.to(map_location)
         if dtype is not None:

@@ -5,11 +5,14 @@ Layout of ``RUN/checkpoints/step_00000100/``:
 * ``model.safetensors`` + ``config.json``: the full model state (parameters and buffers such as the balancing
   bias), loadable on its own with ``MoRForCausalLM.from_pretrained``;
 * ``trainer.pt``: optimizer, scheduler, step and token counters, and per rank the data position and RNG states;
-* ``manifest.json``: size and SHA-256 of each file, written last.
+* ``tokenizer.json``: the prepared data's tokenizer, so the folder is all that eval and generation need;
+* ``manifest.json``: size and SHA-256 of each file, written last, and that the weights were checked.
 
 A checkpoint is written into a hidden temporary directory that is renamed into place, so a crash never leaves a
-half-written checkpoint under a real name. Loading checks the manifest and the model config first and refuses
-a truncated, corrupt or incompatible checkpoint with a message instead of loading it partially.
+half-written checkpoint under a real name; the temporary directories of killed writers are removed by the next
+save. Weights that hold NaN/inf or have exploded are never saved, so every checkpoint of a run is a good one to
+resume from. Loading checks the manifest, the model config and the weights first and refuses a truncated,
+corrupt, unsafe or incompatible checkpoint with a message instead of loading it partially.
 
 Distributed runs gather full (unsharded) state dicts through ``torch.distributed.checkpoint.state_dict``, which
 treats plain, DDP and FSDP2 models alike; rank 0 writes.
@@ -17,10 +20,10 @@ treats plain, DDP and FSDP2 models alike; rank 0 writes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,25 +32,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
 from mor.config import MoRConfig
+from mor.integrity import (MANIFEST_FILE, CheckpointError, describe_file, read_manifest, safe_torch_load,
+                           save_safetensors, verify_manifest, weight_problem)
+from mor.outputs import pid_alive
 from mor.train.distributed import unwrap
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TRAINER_FILE = "trainer.pt"
-MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_TMP = re.compile(r"^\.tmp-step_\d+-(\d+)$")  # .tmp-step_00000100-PID: a checkpoint being written by PID
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (missing, truncated, corrupt or made for another model)."""
+class BadWeightsError(CheckpointError):
+    """The model's weights hold NaN/inf or have exploded: they were not saved."""
 
 
 # ------------------------------------------------------------------------------------------------- finding
@@ -67,6 +74,17 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def last_good_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose weights were checked when it was saved (older versions of mor did not)."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            if read_manifest(path).get("weights_checked"):
+                return path
+        except CheckpointError:
+            continue
+    return None
 
 
 def set_aside_later_checkpoints(run_dir: str | Path, step: int) -> list[Path]:
@@ -91,25 +109,35 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     """Write a checkpoint (collective: every rank calls it) and keep only the newest ``keep_last``.
 
     ``tokenizer`` (the prepared data's tokenizer.json) is copied along, so the checkpoint folder is all that
-    ``mor eval``, ``mor generate`` and ``mor viz`` need."""
+    ``mor eval``, ``mor generate`` and ``mor viz`` need. Raises BadWeightsError, writing nothing, when the weights
+    hold NaN/inf or have exploded."""
     model_state = get_model_state_dict(model, options=_FULL)
     optim_state = get_optimizer_state_dict(model, optimizer, options=_FULL)
     rank_states = _gather(_plain(rank_state))
+    # Rank 0 holds the full state and judges it; every rank gets the verdict, so all of them stop together.
+    parameters = [name for name, _ in unwrap(model).named_parameters(remove_duplicate=False)]
+    problem = _gather(weight_problem(model_state, parameters) if _rank() == 0 else None)[0]
+    if problem is not None:
+        raise BadWeightsError(f"{problem}; the weights of step {step} were not saved")
     target = checkpoint_dir(run_dir, step)
     if _rank() == 0:
+        remove_stale_temporaries(run_dir)
         tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         aliases = tied_parameter_names(model)
         tensors = {name: t.contiguous() for name, t in model_state.items() if name not in aliases}
-        save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        save_safetensors(tensors, tmp / MODEL_FILE, metadata={"format": "pt", "aliases": json.dumps(aliases)})
         model_config.save(tmp / CONFIG_FILE)
         torch.save({**_plain(trainer_state), "optimizer": optim_state, "rank_states": rank_states},
                    tmp / TRAINER_FILE)
+        names = [MODEL_FILE, CONFIG_FILE, TRAINER_FILE]
         if tokenizer is not None and tokenizer.is_file():
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        files = {name: _describe_file(tmp / name) for name in (MODEL_FILE, CONFIG_FILE, TRAINER_FILE)}
-        (tmp / MANIFEST_FILE).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            names.append(TOKENIZER_FILE)
+        files = {name: describe_file(tmp / name) for name in names}
+        manifest = {"step": step, "weights_checked": True, "files": files}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         if target.exists():  # re-saving the same step (e.g. a stop signal right after a periodic save)
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -117,6 +145,17 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
             shutil.rmtree(old)
     _barrier()
     return target
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary directories of checkpoint writers that are gone (killed mid-save)."""
+    removed = []
+    for path in (Path(run_dir) / CHECKPOINTS).glob(".tmp-step_*"):
+        match = _TMP.match(path.name)
+        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def tied_parameter_names(model: nn.Module) -> dict[str, str]:
@@ -152,13 +191,18 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         with safe_open(path / MODEL_FILE, "pt") as handle:
             aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
         tensors = load_file(path / MODEL_FILE)
-        state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
+        state = safe_torch_load(path / TRAINER_FILE)
+    except CheckpointError:
+        raise
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"{path} could not be read ({error}); it is corrupt: resume from an earlier "
                               "checkpoint") from None
     model_state = {**tensors, **{name: tensors[source] for name, source in aliases.items()}}
     # Names and full shapes from the module itself: the gathered full state dict exists on rank 0 only.
     _check_tensors(path, model_state, unwrap(model).state_dict())
+    problem = weight_problem(tensors, [name for name, _ in unwrap(model).named_parameters()])
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}; resume from an earlier checkpoint")
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
     try:
         set_optimizer_state_dict(model, optimizer, state.pop("optimizer"),
@@ -176,25 +220,10 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 def verify_checkpoint(path: str | Path) -> None:
     """Raise CheckpointError unless every file listed in the manifest is present, complete and intact."""
     path = Path(path)
-    manifest_file = path / MANIFEST_FILE
-    if not manifest_file.is_file():
+    if not (path / MANIFEST_FILE).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST_FILE}); point --resume to a "
                               f"directory like RUN/{CHECKPOINTS}/step_00001000 or to the run directory")
-    try:
-        manifest = json.loads(manifest_file.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError) as error:
-        raise CheckpointError(f"{manifest_file} is unreadable ({error}); the checkpoint is corrupt") from None
-    for name, expected in files.items():
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path / name} is missing; the checkpoint is incomplete")
-        actual = _describe_file(path / name)
-        if actual["bytes"] != expected["bytes"]:
-            raise CheckpointError(f"{path / name} has {actual['bytes']} bytes, expected {expected['bytes']}: "
-                                  "the file is truncated; resume from an earlier checkpoint")
-        if actual["sha256"] != expected["sha256"]:
-            raise CheckpointError(f"{path / name} does not match its checksum: the file is corrupt; resume from "
-                                  "an earlier checkpoint")
+    verify_manifest(path)
 
 
 def _check_tensors(path: Path, saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -207,14 +236,6 @@ def _check_tensors(path: Path, saved: dict[str, torch.Tensor], expected: dict[st
         if saved[name].shape != tensor.shape:
             raise CheckpointError(f"{path}: {name} has shape {tuple(saved[name].shape)} but the model expects "
                                   f"{tuple(tensor.shape)}")
-
-
-def _describe_file(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 # ------------------------------------------------------------------------------------------------- RNG

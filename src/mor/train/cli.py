@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from mor.train.budget import resolve_budget
 from mor.train.config import ConfigError, TrainConfig, load_config
@@ -24,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="continue from the latest checkpoint in run.out_dir (no PATH; starts fresh if there is "
                              "none), or from a checkpoint or run directory")
     parser.add_argument("--dry-run", action="store_true",
-                        help="validate the config, print the resolved budget and exit")
+                        help="make every check of a real run (config, data, run directory), print the resolved "
+                             "budget and exit")
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --dry-run: number of processes to plan for (default: $WORLD_SIZE or 1)")
     parser.set_defaults(func=run)
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
         if args.dry_run:
-            return _dry_run(config, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+            return _dry_run(config, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.resume)
         result = train(config, resume=args.resume)
     except (ConfigError, CheckpointError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -50,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dry_run(config: TrainConfig, world_size: int) -> int:
+def _dry_run(config: TrainConfig, world_size: int, resume: str | None) -> int:
+    from mor.outputs import OutputError, writable_folder
+    from mor.train.trainer import open_data, resume_checkpoint
+
     model_config = config.model_config()
     budget = resolve_budget(config, model_config, world_size)
     print(f"model: {model_config.sharing} sharing, Nr={model_config.num_recursions}, router {model_config.router}, "
@@ -61,4 +66,12 @@ def _dry_run(config: TrainConfig, world_size: int) -> int:
           f"({budget.forward_flops_per_token:.4g} per token)")
     print(f"schedule: {config.schedule.kind}, warm-up {warmup_steps(config.schedule, budget.steps)} steps"
           + (f", decay {decay_steps(config.schedule, budget.steps)} steps" if config.schedule.kind == "wsd" else ""))
+    # The checks of a real run, short of building the model: the data, the run directory, the checkpoint.
+    open_data(config, model_config, budget, world_size=world_size)
+    try:
+        writable_folder(config.run.out_dir, "run.out_dir", create=False)
+    except OutputError as error:
+        raise ConfigError(str(error)) from None
+    resume_checkpoint(Path(config.run.out_dir), resume)
+    print("checks: data, run directory and resume point are fine")
     return 0

@@ -23,6 +23,7 @@ from mor.config import PRESETS, MoRConfig
 STRATEGIES = ("none", "ddp", "fsdp")
 SCHEDULES = ("wsd", "cosine", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class ConfigError(ValueError):
@@ -137,6 +138,9 @@ class TrainConfig:
         _positive(self.data.seq_len, "data.seq_len")
         if self.optim.lr <= 0:
             raise ConfigError(f"optim.lr: must be positive, got {self.optim.lr}")
+        if self.optim.lr * max(1.0, self.optim.aux_router_lr_mult) > FLOAT32_MAX:  # overflows the float32 update
+            raise ConfigError(f"optim.lr: {self.optim.lr:g} (x aux_router_lr_mult {self.optim.aux_router_lr_mult:g}) "
+                              f"is beyond float32 (max {FLOAT32_MAX:.4g}); learning rates are usually 1e-4 to 1e-2")
         for i, beta in enumerate(self.optim.betas):
             if not 0.0 <= beta < 1.0:
                 raise ConfigError(f"optim.betas[{i}]: must lie in [0, 1), got {beta}")
@@ -209,7 +213,12 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. optim.lr=1e-3")
-    value = yaml.safe_load(text) if text.strip() else None
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise ConfigError(f"--set {override!r}: the value is not valid YAML ({problem}); close its brackets and "
+                          f"quotes, e.g. {key}=1e-3 or {key}=[1, 2]") from None
     node = data
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):

@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -24,12 +24,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mor import MoRForCausalLM
+from mor.config import MoRConfig
 from mor.data import PackedBatches, TokenShards, sequential_batches
 from mor.flops import training_flops_per_token
+from mor.outputs import FolderLock, OutputError
 from mor.train import distributed
 from mor.train.budget import Budget, resolve_budget
-from mor.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                  rng_state, save_checkpoint, set_aside_later_checkpoints, set_rng_state)
+from mor.train.checkpoint import (BadWeightsError, CheckpointError, last_good_checkpoint, latest_checkpoint,
+                                  list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                                  set_aside_later_checkpoints, set_rng_state)
 from mor.train.config import ConfigError, TrainConfig
 from mor.train.optim import build_optimizer, clip_gradients
 from mor.train.run_log import METRICS_FILE, RunLog, peak_flops, peak_memory_gib
@@ -57,26 +60,19 @@ class Trainer:
         self.run_dir = Path(config.run.out_dir)
         self.model_config = config.model_config()
         self.budget: Budget = resolve_budget(config, self.model_config, self.env.world_size)
-        resume_from = self._resume_path(resume)
-
-        data = config.data
-        if data.seq_len > self.model_config.max_position_embeddings:
-            raise ConfigError(f"data.seq_len: {data.seq_len} exceeds model.max_position_embeddings "
-                              f"{self.model_config.max_position_embeddings}")
+        self.loader, self.val_shards = open_data(config, self.model_config, self.budget, self.env.rank,
+                                                 self.env.world_size)
+        self.train_shards = self.loader.shards
+        self._lock = self._lock_run_dir()
         try:
-            self.train_shards = TokenShards(data.path, split=data.train_split)
-            self.val_shards = TokenShards(data.path, split=data.val_split) if data.val_split else None
-            self.loader = PackedBatches(self.train_shards, data.seq_len,
-                                        config.batch.micro_batch_size * self.budget.grad_accum, seed=config.run.seed,
-                                        rank=self.env.rank, world_size=self.env.world_size,
-                                        document_masking=data.document_masking, eos_token_id=data.eos_token_id)
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"data.path: {error}") from None
-        if self.train_shards.vocab_size > self.model_config.vocab_size:
-            raise ConfigError(f"model.vocab_size: {self.model_config.vocab_size} is smaller than the "
-                              f"{self.train_shards.vocab_size} tokens of the tokenizer that prepared {data.path}; "
-                              f"set model.vocab_size to at least {self.train_shards.vocab_size}")
+            self._build(resume)
+        except BaseException:
+            self._unlock()
+            raise
 
+    def _build(self, resume: str | Path | None) -> None:
+        config = self.config
+        resume_from = resume_checkpoint(self.run_dir, resume)
         _seed_everything(config.run.seed)  # identical initial weights on every rank (FSDP does not broadcast)
         model = MoRForCausalLM(self.model_config)
         init_from = config.model.get("init_from")
@@ -102,24 +98,24 @@ class Trainer:
         self._stop_signal: int | None = None
 
     # ---------------------------------------------------------------------------------------------- setup
-    def _resume_path(self, resume: str | Path | None) -> Path | None:
-        existing = list_checkpoints(self.run_dir)
-        if resume is None:
-            if existing or (self.run_dir / METRICS_FILE).is_file():
-                raise ConfigError(f"run.out_dir: {self.run_dir} already holds a run; continue it with --resume or "
-                                  "choose another run.out_dir")
-            return None
-        if str(resume) == "latest":
-            return latest_checkpoint(self.run_dir)
-        path = Path(resume)
-        if not path.exists():
-            raise CheckpointError(f"--resume {path}: no such checkpoint or run directory")
-        if (path / "checkpoints").is_dir():  # a run directory
-            found = latest_checkpoint(path)
-            if found is None:
-                raise CheckpointError(f"--resume {path}: the run directory holds no complete checkpoint")
-            return found
-        return path  # a checkpoint directory, verified when loaded
+    def _lock_run_dir(self) -> FolderLock | None:
+        """Rank 0 holds the run directory for the run's life: a second run started on it stops here, before it
+        could mix its metrics and checkpoints into this one's."""
+        lock, error = None, None
+        if self.env.is_main:
+            try:
+                lock = FolderLock(self.run_dir, "mor train").acquire()
+            except OutputError as failure:
+                error = failure
+        if distributed.any_rank(error is not None, self.env.device):
+            raise ConfigError(f"run.out_dir: {error}" if error else "run.out_dir: rank 0 could not lock the run "
+                              "directory (see its message)")
+        return lock
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _restore(self, path: Path) -> None:
         # The config's hyper-parameters win over the checkpoint's (e.g. a lower optim.lr after a divergence):
@@ -130,6 +126,11 @@ class Trainer:
         if state["tokens_per_step"] != self.budget.tokens_per_step:
             raise CheckpointError(f"{path} was trained with {state['tokens_per_step']} tokens per step, this config "
                                   f"has {self.budget.tokens_per_step}; keep batch and data.seq_len of the run")
+        saved_data = state.get("data_shards")  # absent in checkpoints of older versions
+        if saved_data is not None and saved_data != self._data_shards():
+            raise CheckpointError(f"{path} was trained on other data than data.path {self.config.data.path} holds "
+                                  f"(the run's was {state['config']['data']['path']}); resume with the run's data or "
+                                  "start a new run directory")
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.base_lrs = [group["initial_lr"] for group in configured]
         for group, values, multiplier in zip(self.optimizer.param_groups, configured, self.scheduler.lr_lambdas):
@@ -138,7 +139,10 @@ class Trainer:
         if self.env.is_main:
             set_aside_later_checkpoints(self.run_dir, state["step"])
         self.step, self.tokens = state["step"], state["tokens"]
-        self.loader.load_state_dict(rank_state["data"])
+        try:
+            self.loader.load_state_dict(rank_state["data"])
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from None
         set_rng_state(rank_state["rng"])
         if self.env.is_main:
             print(f"resumed from {path} at step {self.step}")
@@ -294,23 +298,33 @@ class Trainer:
                 self._print(message)
         return results
 
-    def _diverged(self, what: str) -> None:
-        """Stop before the bad update, naming the step, the last good checkpoint and what to try."""
+    def _diverged(self, what: str, step: int | None = None) -> NoReturn:
+        """Stop before the bad update (or the bad save), naming the step, the last good checkpoint and what to try."""
         self.optimizer.zero_grad(set_to_none=True)
-        last = latest_checkpoint(self.run_dir)
+        last = last_good_checkpoint(self.run_dir)
         raise TrainingDiverged(
-            f"{what} at step {self.step + 1} (tokens {self.tokens}); the last good checkpoint is "
+            f"{what} at step {self.step + 1 if step is None else step} (tokens {self.tokens}); the last good "
+            "checkpoint is "
             f"{last or 'none (no checkpoint was saved yet)'}. Lower optim.lr (or raise schedule.warmup), check the "
             "data for corrupt tokens, then resume from that checkpoint with --resume PATH or restart")
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
         trainer_state = {"step": self.step, "tokens": self.tokens, "scheduler": self.scheduler.state_dict(),
-                         "tokens_per_step": self.budget.tokens_per_step, "config": self.config.to_dict()}
+                         "tokens_per_step": self.budget.tokens_per_step, "config": self.config.to_dict(),
+                         "data_shards": self._data_shards()}
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state()}
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.model_config,
-                               trainer_state, rank_state, self.config.run.keep_last,
-                               tokenizer=Path(self.config.data.path) / "tokenizer.json")
+        try:
+            return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.model_config,
+                                   trainer_state, rank_state, self.config.run.keep_last,
+                                   tokenizer=Path(self.config.data.path) / "tokenizer.json")
+        except BadWeightsError as error:
+            self._diverged(f"the parameters are unusable ({error})", step=self.step)
+
+    def _data_shards(self) -> list[str]:
+        """What identifies the training tokens: the SHA-256 of each shard (the same data moved or prepared again
+        from the same inputs keeps them)."""
+        return [shard["sha256"] for shard in self.train_shards.index["splits"][self.train_shards.split]["shards"]]
 
     @contextlib.contextmanager
     def _stop_signals(self):
@@ -336,11 +350,56 @@ class Trainer:
 
     def close(self) -> None:
         self.log.close()
+        self._unlock()
         # Drop what holds the process group (DDP's reducer, FSDP's sharded parameters and optimizer state) while
         # the group still stands: freed after it is destroyed, with another rank already gone, gloo can hang.
         del self.model, self.module, self.optimizer, self.scheduler
         gc.collect()
         distributed.teardown()
+
+
+def open_data(config: TrainConfig, model_config: MoRConfig, budget: Budget, rank: int = 0,
+              world_size: int = 1) -> tuple[PackedBatches, TokenShards | None]:
+    """The training loader and validation shards of ``config.data``, after the checks that every run (and
+    ``--dry-run``) makes: the data is complete, fits the model's context and vocabulary, and holds a global batch."""
+    data = config.data
+    if data.seq_len > model_config.max_position_embeddings:
+        raise ConfigError(f"data.seq_len: {data.seq_len} exceeds model.max_position_embeddings "
+                          f"{model_config.max_position_embeddings}")
+    try:
+        train_shards = TokenShards(data.path, split=data.train_split)
+        val_shards = TokenShards(data.path, split=data.val_split) if data.val_split else None
+        loader = PackedBatches(train_shards, data.seq_len, config.batch.micro_batch_size * budget.grad_accum,
+                               seed=config.run.seed, rank=rank, world_size=world_size,
+                               document_masking=data.document_masking, eos_token_id=data.eos_token_id)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"data.path: {error}") from None
+    if train_shards.vocab_size > model_config.vocab_size:
+        raise ConfigError(f"model.vocab_size: {model_config.vocab_size} is smaller than the "
+                          f"{train_shards.vocab_size} tokens of the tokenizer that prepared {data.path}; "
+                          f"set model.vocab_size to at least {train_shards.vocab_size}")
+    return loader, val_shards
+
+
+def resume_checkpoint(run_dir: Path, resume: str | Path | None) -> Path | None:
+    """The checkpoint a run starts from: None for a fresh run (refused if ``run_dir`` already holds one), the
+    latest of ``run_dir`` for ``"latest"`` (None if there is none), else the given checkpoint or run directory."""
+    if resume is None:
+        if list_checkpoints(run_dir) or (run_dir / METRICS_FILE).is_file():
+            raise ConfigError(f"run.out_dir: {run_dir} already holds a run; continue it with --resume or "
+                              "choose another run.out_dir")
+        return None
+    if str(resume) == "latest":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume {path}: no such checkpoint or run directory")
+    if (path / "checkpoints").is_dir():  # a run directory
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"--resume {path}: the run directory holds no complete checkpoint")
+        return found
+    return path  # a checkpoint directory, verified when loaded
 
 
 def _flops_per_token(model_config, seq_len: int) -> float:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from mor.outputs import writable_folder
+
 INSTALL_HINT = "mor viz needs matplotlib: pip install 'mor[viz]' (or pip install matplotlib)"
 
 
@@ -113,6 +115,7 @@ def _handler(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
         except ModuleNotFoundError:
             return _fail(INSTALL_HINT)
         try:
+            writable_folder(args.out, "--out")  # before the work, not after
             return func(args)
         except (ValueError, FileNotFoundError) as error:
             return _fail(str(error))

@@ -1,0 +1,171 @@
+"""Every user error of the ``mor`` command is one line on stderr that names the problem and the fix; a traceback
+only with ``--debug`` or ``MOR_DEBUG=1``. docs/reliability.md lists the cases."""
+
+from __future__ import annotations
+
+import errno
+import pickle
+import shutil
+
+import pytest
+import yaml
+from test_train_support import make_dataset, tiny_config
+
+from mor.cli import main
+from mor.data import prepare
+from mor.errors import describe, split_debug_flag
+from mor.train import train
+from mor.train.checkpoint import latest_checkpoint
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A prepared dataset, a finished run with checkpoints, its config file, other data and a stray file."""
+    root = tmp_path_factory.mktemp("cli-errors")
+    data = make_dataset(root)
+    config = tiny_config(data, root / "run", budget={"steps": 2}, run={"save_every": 1})
+    train(config)
+    (root / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    prepare([root / "corpus.jsonl"], root / "tokenizer.json", root / "other-data", val_fraction=0.2, progress=False)
+    (root / "afile").write_text("a file, not a folder")
+    (root / "empty").mkdir()
+    shutil.copytree(data, root / "no-shard")
+    (root / "no-shard" / "train-00000.bin").unlink()
+    shutil.copytree(data, root / "corrupt")
+    shard = root / "corrupt" / "train-00000.bin"
+    shard.write_bytes(b"\xff" * shard.stat().st_size)
+    shutil.copytree(latest_checkpoint(root / "run"), root / "tampered")
+    weights = root / "tampered" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64] + b"\x07" * 64)
+    return root
+
+
+# (arguments with {root} for the workspace, text the one line must hold, exit status)
+CASES = {
+    "set-unclosed-bracket": (["train", "{root}/config.yaml", "--set", "optim.lr=[1"],
+                             "--set 'optim.lr=[1': the value is not valid YAML", 2),
+    "lr-beyond-float32": (["train", "{root}/config.yaml", "--set", "optim.lr=1e39"], "beyond float32", 2),
+    "dry-run-seq-len-past-context": (["train", "{root}/config.yaml", "--dry-run", "--set", "data.seq_len=1024"],
+                                     "data.seq_len: 1024 exceeds model.max_position_embeddings 256", 2),
+    "dry-run-vocab-too-small": (["train", "{root}/config.yaml", "--dry-run", "--set", "model.vocab_size=256"],
+                                "set model.vocab_size to at least 300", 2),
+    "dry-run-missing-data": (["train", "{root}/config.yaml", "--dry-run", "--set", "data.path={root}/nowhere"],
+                             "nowhere is not a prepared token folder", 2),
+    "run-dir-under-a-file": (["train", "{root}/config.yaml", "--set", "run.out_dir={root}/afile/run"],
+                             "run.out_dir: cannot write to {root}/afile/run (a part of the path is a file", 2),
+    "resume-with-other-data": (["train", "{root}/config.yaml", "--resume", "--set", "data.path={root}/other-data"],
+                               "was trained on other data than data.path {root}/other-data holds", 1),
+    "eval-seq-len-past-context": (["eval", "{root}/tampered", "--no-verify", "--perplexity", "{root}/corpus.jsonl",
+                                   "--seq-len", "4096"], "--seq-len 4096 exceeds the model's context", 2),
+    "eval-out-under-a-file": (["eval", "{root}/tampered", "--perplexity", "{root}/corpus.jsonl", "--out",
+                               "{root}/afile/x.json"], "--out: {root}/afile is a file, not a folder", 2),
+    "eval-empty-folder": (["eval", "{root}/empty", "--tasks", "copa"],
+                          "{root}/empty is not a mor checkpoint (no config.json)", 2),
+    "eval-tampered-weights": (["eval", "{root}/tampered", "--perplexity", "{root}/corpus.jsonl"],
+                              "model.safetensors does not match its checksum", 2),
+    "generate-tampered-weights": (["generate", "{root}/tampered"], "does not match its checksum", 2),
+    "verify-missing-shard": (["data", "inspect", "{root}/no-shard", "--verify"],
+                             "verify: 1 file(s) differ from the index: train-00000.bin (missing)", 1),
+    "show-corrupt-shard": (["data", "inspect", "{root}/corrupt", "--show", "5"],
+                           "train-00000.bin holds token id 65535 at position 0", 1),
+    "prepare-out-is-a-file": (["data", "prepare", "{root}/corpus.jsonl", "--tokenizer", "{root}/tokenizer.json",
+                               "--out", "{root}/afile"], "output folder: {root}/afile is a file, not a folder", 1),
+    "prepare-other-inputs": (["data", "prepare", "{root}/corpus.jsonl", "--tokenizer", "{root}/tokenizer.json",
+                              "--out", "{root}/other-data"], "pass --overwrite", 1),
+    "sample-into-other-data": (["data", "sample", "--out", "{root}/other-data"], "pass --overwrite", 1),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_user_errors_are_one_line(workspace, capsys, case):
+    argv, expected, status = CASES[case]
+    assert main([arg.format(root=workspace) for arg in argv]) == status
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) <= 1, err
+    # The problem is reported on stderr; `inspect --verify` reports its finding on stdout.
+    assert expected.format(root=workspace) in (lines[0] if lines else out.splitlines()[-1]), err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["data", "inspect", "{root}/run", "--show", "-5"], "--show: must be 0 or more, got -5"),
+    (["data", "prepare", "{root}/corpus.jsonl", "--tokenizer", "{root}/tokenizer.json", "--out", "{root}/x",
+      "--workers", "-2"], "--workers: must be at least 1, got -2"),
+], ids=["show-negative", "workers-negative"])
+def test_bad_option_values_are_usage_errors(workspace, capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit_:
+        main([arg.format(root=workspace) for arg in argv])
+    assert exit_.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_sample_passes_overwrite_on(workspace, monkeypatch):
+    import mor.data.cli
+
+    calls = []
+    monkeypatch.setattr(mor.data.cli, "prepare_sample", lambda out, **kwargs: calls.append(kwargs) or {})
+    monkeypatch.setattr(mor.data.cli, "_summary", lambda index: "")
+    assert main(["data", "sample", "--out", str(workspace / "other-data"), "--overwrite"]) == 0
+    assert calls == [{"overwrite": True}]
+
+
+def test_system_errors_name_the_path_and_the_fix(workspace, capsys, monkeypatch):
+    import mor.data.cli
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(workspace / "out" / "train-00000.bin"))
+
+    monkeypatch.setattr(mor.data.cli, "prepare", full_disk)
+    argv = ["data", "prepare", str(workspace / "corpus.jsonl"), "--tokenizer", str(workspace / "tokenizer.json"),
+            "--out", str(workspace / "out")]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == (f"error: cannot use {workspace}/out/train-00000.bin: no space is left on the "
+                                       "device; free some space or write elsewhere\n")
+
+
+def test_bugs_are_one_line_and_debug_shows_the_traceback(workspace, capsys, monkeypatch):
+    import mor.data.cli
+
+    def bug(*args, **kwargs):
+        raise KeyError("splits")
+
+    monkeypatch.setattr(mor.data.cli, "read_index", bug)
+    argv = ["data", "inspect", str(workspace / "run")]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == ("error: internal error (KeyError: 'splits'); this is a bug in mor: run again "
+                                       "with --debug (or MOR_DEBUG=1) for the traceback and report it\n")
+    for debug_argv, env in ((["--debug", *argv], None), ([*argv, "--debug"], None), (argv, "1")):
+        if env:
+            monkeypatch.setenv("MOR_DEBUG", env)
+        assert main(debug_argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback") and "KeyError: 'splits'" in err
+
+
+@pytest.mark.parametrize("error, expected", [
+    (OSError(errno.EACCES, "Permission denied", "/data/x"),
+     "cannot use /data/x: permission denied; fix its permissions or write elsewhere"),
+    (FileNotFoundError("no tokenizer at x: give a tokenizer.json"), "no tokenizer at x: give a tokenizer.json"),
+    (pickle.UnpicklingError("Weights only load failed.\n Re-running with weights_only=False will likely succeed"),
+     "a file is not a safe checkpoint: it holds Python objects other than tensors, which could run code when loaded, "
+     "so it was refused; use a file from a source you trust"),
+    (MemoryError(), "out of memory; use a smaller batch (batch.micro_batch_size, --batch-size) or sequence length, or "
+                    "a machine with more memory"),
+    (ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib"),
+     "No module named 'matplotlib'; install the package that provides it (pip install 'mor[all]' brings every "
+     "optional one)"),
+    (yaml.YAMLError("while parsing\n  a flow sequence"), "while parsing a flow sequence"),
+    (ValueError("top_p must lie in (0, 1]"), "top_p must lie in (0, 1]"),
+    (RuntimeError("boom"), "internal error (RuntimeError: boom); this is a bug in mor: run again with --debug (or "
+                           "MOR_DEBUG=1) for the traceback and report it"),
+], ids=["system", "mor-file-not-found", "unpickling", "memory", "missing-module", "yaml", "value", "bug"])
+def test_each_kind_of_error_is_described_in_one_line(error, expected):
+    assert describe(error) == expected
+
+
+def test_debug_flag_is_left_to_passthrough_commands(monkeypatch):
+    monkeypatch.delenv("MOR_DEBUG", raising=False)
+    assert split_debug_flag(["train", "c.yaml", "--debug"]) == (["train", "c.yaml"], True)
+    assert split_debug_flag(["--debug", "lm-eval", "--debug"]) == (["lm-eval", "--debug"], True)
+    assert split_debug_flag(["lm-eval", "--debug"]) == (["lm-eval", "--debug"], False)
+    monkeypatch.setenv("MOR_DEBUG", "0")
+    assert split_debug_flag(["eval"]) == (["eval"], False)
