@@ -215,3 +215,22 @@ def test_the_engine_routes_with_the_routers_as_they_are_including_a_bias():
     out = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4).generate(prompts(), NEW_TOKENS)
     assert_matches_generate(model, out, prompts(), NEW_TOKENS)
     assert out.stats.depth_histogram == {1: sum(NEW_TOKENS)}
+
+
+def test_each_request_can_have_its_own_test_time_depth():
+    model = make("expert")
+    engine = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4, extra_recursions=2)
+    engine.prepare([], ("greedy",))
+    depth = [dict(), dict(max_recursions=1), dict(extra_recursions=2), dict(max_recursions=2), dict(extra_recursions=1)]
+    ids = [engine.add(p, n, **d) for p, n, d in zip(prompts(), NEW_TOKENS, depth)]
+    streamed: dict[int, tuple[list[int], list[int]]] = {i: ([], []) for i in ids}
+    while engine.busy:
+        for out in engine.step():
+            streamed[out.request][0].extend(out.tokens)
+            streamed[out.request][1].extend(out.depths)
+    for i, prompt, count, d in zip(ids, prompts(), NEW_TOKENS, depth):
+        # The engine's default for a request that names neither is the engine's own: extra_recursions=2.
+        reference = model.generate(torch.tensor([prompt]), max_new_tokens=count, **(d or dict(extra_recursions=2)))
+        assert streamed[i] == (reference.sequences()[0], reference.depths[0, :count].tolist())
+    with pytest.raises(ValueError, match="at most 2"):
+        engine.add([1], 2, extra_recursions=3)

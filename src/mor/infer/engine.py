@@ -102,7 +102,8 @@ class Engine:
     generated tokens per request (default: the model's context); ``page_size``: entries per KV page;
     ``num_pages``: pool size (default: the worst case, which never preempts); ``max_recursions``: cap the depth at
     inference; ``extra_recursions``: apply the block more times after the last trained step (test-time depth
-    scaling, as ``generate``); ``window``: iterations the device runs between two host round trips at most;
+    scaling, as ``generate``): both are the defaults of every request, and ``extra_recursions`` also the most a
+    request may ask for (:meth:`add`); ``window``: iterations the device runs between two host round trips at most;
     ``cuda_graphs``: one CUDA graph per window; ``compile``: fuse the layers and the code between them with
     ``torch.compile`` (default: with CUDA graphs); ``kernel``: paged attention by the Triton kernel rather than a
     padded gather (default: on CUDA when Triton is there); ``lockstep``: switch depth-wise batching off, for
@@ -121,12 +122,7 @@ class Engine:
                             ("max_requests", max_requests or 1), ("tail_slots", tail_slots or 1)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if max_recursions is not None and max_recursions < 1:
-            raise ValueError(f"max_recursions must be at least 1, got {max_recursions}")
-        if extra_recursions and (extra_recursions < 0 or max_recursions is not None
-                                 or cfg.sharing not in ("cycle", "middle_cycle")):
-            raise ValueError(f"extra_recursions={extra_recursions} needs a non-negative count, no max_recursions "
-                             f"and 'cycle' or 'middle_cycle' sharing (got {cfg.sharing!r})")
+        model.model.recursion_steps(max_recursions, extra_recursions)  # clear errors for options that cannot apply
         if cuda_graphs and model.lm_head.weight.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         model.eval()
@@ -138,7 +134,7 @@ class Engine:
         self.compiled = cuda_graphs if compile is None else compile
         sizes = tuple(sorted({2 ** i for i in range(int(math.log2(window)) + 1)} | {window}))
         self.runner = Runner(model, self.max_requests, max_batch_slots, tail_slots or self.max_requests,
-                             self.max_seq_len, page_size, num_pages, max_recursions, extra_recursions, sizes,
+                             self.max_seq_len, page_size, num_pages, extra_recursions, sizes,
                              cuda_graphs, self.compiled, kernel, lockstep)
         self.cache = self.runner.cache
         pool = self.cache.pool
@@ -221,11 +217,20 @@ class Engine:
         self.runner.capture(modes)
 
     def add(self, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
-            seed: int = 0) -> int:
-        """Queue a request; its id. Validate it first with :meth:`check`."""
+            seed: int = 0, max_recursions: int | None = None, extra_recursions: int | None = None) -> int:
+        """Queue a request; its id. Validate it first with :meth:`check`. ``max_recursions`` and
+        ``extra_recursions`` (default: the engine's) set its test-time depth; it may ask for at most the engine's
+        ``extra_recursions``."""
+        if max_recursions is None and extra_recursions is None:
+            max_recursions, extra_recursions = self.max_recursions, self.extra_recursions
+        extra_recursions = extra_recursions or 0
+        if extra_recursions > self.extra_recursions:
+            raise ValueError(f"extra_recursions={extra_recursions}: this engine was built for at most "
+                             f"{self.extra_recursions}; build it with Engine(..., extra_recursions=N)")
+        steps = len(self.model.model.recursion_steps(max_recursions, extra_recursions))
         index = self._next_id
         self._next_id += 1
-        request = Request(index, list(prompt), max_new_tokens, params, seed)
+        request = Request(index, list(prompt), max_new_tokens, params, seed, max_recursions, extra_recursions, steps)
         self._requests[index] = request
         if max_new_tokens > 0:
             self.scheduler.waiting.append(request)
@@ -296,13 +301,13 @@ class Engine:
         for request in admitted:
             sequence = request.sequence
             if len(sequence) > 1:
-                self.runner.prefill(request.row, sequence[:-1], self.max_recursions, self.extra_recursions)
+                self.runner.prefill(request.row, sequence[:-1], request.max_recursions, request.extra_recursions)
                 self._counts["prefills"] += 1
                 self._counts["tokens_in"] += len(sequence) - 1
         vocab = self.model.config.vocab_size
         columns = [(r.row, r.sequence[-1], len(r.sequence) - 1, r.max_new - len(r.tokens), len(r.tokens),
                     0.0 if r.params.greedy else r.params.temperature, r.params.top_k or vocab,
-                    r.params.top_p or 1.0, r.seed) for r in admitted]
+                    r.params.top_p or 1.0, r.seed, r.steps) for r in admitted]
         self.runner.enter(*map(list, zip(*columns)))
 
     def _collect(self, window: Window) -> list[RequestOutput]:

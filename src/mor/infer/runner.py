@@ -40,7 +40,7 @@ from mor.model.routing import RoutingResult
 
 FREE, BLOCK, EXIT, ENTER, DONE = range(5)  # row phases
 # Columns of the integer row state (one tensor, so a stage updates a row's state in one write)
-POSITION, STEP, PHASE, AGE, REMAINING, TOKEN, SAMPLED, TARGET, TOP_K, SEED = range(10)
+POSITION, STEP, PHASE, AGE, REMAINING, TOKEN, SAMPLED, TARGET, TOP_K, SEED, CAP = range(11)
 # Columns of the float row state
 GATE, TEMPERATURE, TOP_P = range(3)
 # Device counters
@@ -129,7 +129,7 @@ class Runner:
     """Device state and decoding iterations for a ``MoRForCausalLM`` (any variant); driven by the engine."""
 
     def __init__(self, model: nn.Module, rows: int, block_slots: int, tail_slots: int, max_seq_len: int,
-                 page_size: int, num_pages: int | None, max_recursions: int | None, extra_recursions: int,
+                 page_size: int, num_pages: int | None, extra_recursions: int,
                  window_sizes: tuple[int, ...], cuda_graphs: bool, compile: bool, kernel: bool,
                  lockstep: bool = False) -> None:
         cfg, inner = model.config, model.model
@@ -143,10 +143,8 @@ class Runner:
         self.cuda_graphs, self.kernel = cuda_graphs, kernel and kernel_available(device)
         self.lockstep = lockstep
 
-        steps = inner.plan.steps
-        if max_recursions is not None and cfg.sharing in ("cycle", "middle_cycle"):
-            steps = steps[:max_recursions]
-        self.steps = steps + inner.extra_steps(extra_recursions)
+        # Every step a row may run; each row has its own cap (CAP: max_recursions, extra_recursions per request).
+        self.steps = inner.recursion_steps(None, extra_recursions)
         # Depth reported per block pass: a sequence-shared block repeats each layer Nr times in one pass.
         self.depth_unit = 1 if cfg.sharing in ("none", "cycle", "middle_cycle") else cfg.num_recursions
         self.cache = PagedCache.for_model(model, rows, max_seq_len, page_size, num_pages, extra_recursions)
@@ -183,8 +181,8 @@ class Runner:
         self.first = torch.zeros_like(self.hidden)  # token-choice: H^1, the block's input
         # Per row: the position, depth (block steps run) and phase of its token, the iteration it entered that
         # phase (AGE), tokens still to sample, the token to enter (ENTER), tokens sampled so far (the noise
-        # counter), the token-choice depth, and the request's sampling settings.
-        self.ints = torch.zeros(n, 10, dtype=torch.long, device=device)
+        # counter), the token-choice depth, the request's sampling settings and the recursion steps it may run.
+        self.ints = torch.zeros(n, 11, dtype=torch.long, device=device)
         self.floats = torch.zeros(n, 3, device=device)
         self.floats[:, TOP_P] = 1.0
         self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long, device=device)
@@ -224,7 +222,8 @@ class Runner:
         self.eos[: len(ids)] = torch.tensor(ids, dtype=torch.long)
 
     @torch.no_grad()
-    def prefill(self, row: int, tokens: list[int], max_recursions: int | None, extra_recursions: int) -> None:
+    def prefill(self, row: int, tokens: list[int], max_recursions: int | None = None,
+                extra_recursions: int = 0) -> None:
         """Run ``tokens`` through the model's causal forward into ``row``'s streams (a prompt but its last token)."""
         ids = torch.tensor([tokens], device=self.device)
         self.model(ids, routing="causal", cache=self.cache.view([row]), max_recursions=max_recursions,
@@ -232,12 +231,13 @@ class Runner:
 
     def enter(self, rows: list[int], tokens: list[int], positions: list[int], remaining: list[int],
               sampled: list[int], temperature: list[float], top_k: list[int], top_p: list[float],
-              seeds: list[int]) -> None:
-        """Queue each row's ``tokens`` (at ``positions``) for the entry at the next tail stage."""
+              seeds: list[int], caps: list[int]) -> None:
+        """Queue each row's ``tokens`` (at ``positions``) for the entry at the next tail stage; ``caps``: the
+        recursion steps each may run."""
         n = len(rows)
         ints = torch.zeros(n, self.ints.shape[1], dtype=torch.long)
         for column, values in ((POSITION, positions), (REMAINING, remaining), (TOKEN, tokens), (SAMPLED, sampled),
-                               (TOP_K, top_k), (SEED, seeds)):
+                               (TOP_K, top_k), (SEED, seeds), (CAP, caps)):
             ints[:, column] = torch.tensor(values, dtype=torch.long)
         ints[:, PHASE] = ENTER
         floats = torch.zeros(n, self.floats.shape[1])
@@ -408,13 +408,13 @@ class Runner:
             new = h + inner.expert.gated_update(gate, out).to(h.dtype)
             router = step.clamp(max=self.config.num_recursions - 1)  # extra recursions reuse the last router
             go, gate = inner.expert.causal_decision(router, new, self.full_capacity)
-            go = go & (step < len(self.steps))
+            go = go & (step < self.ints[rows, CAP])
         elif inner.token is not None:
             target = self.ints[rows, TARGET]
             new = inner.token.step_output(self.first[rows], out, gate, step == target)
             go = step < target
         else:
-            new, go = out, step < len(self.steps)
+            new, go = out, step < self.ints[rows, CAP]
         self.hidden[rows] = torch.where(real[:, None], new, h)
         state = self.ints[rows]
         state[:, STEP] = step
@@ -471,7 +471,7 @@ class Runner:
             go, gate = inner.expert.causal_decision(torch.zeros_like(rows), h, self.full_capacity)
         elif inner.token is not None:
             depth, gate = inner.token.assign(h[None], None, RoutingResult())
-            state[:, TARGET] = inner.token.widen(depth[0], len(self.steps))
+            state[:, TARGET] = inner.token.widen(depth[0], state[:, CAP])
             self.first[rows] = torch.where(entering[:, None], h, self.first[rows])
             gate = gate[0]
         self.hidden[rows] = torch.where(entering[:, None], h, self.hidden[rows])

@@ -31,6 +31,9 @@ class Request:
     max_new: int
     params: SamplingParams
     seed: int
+    max_recursions: int | None = None
+    extra_recursions: int = 0
+    steps: int = 1  # recursion steps its tokens may run
     tokens: list[int] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)
     row: int = -1

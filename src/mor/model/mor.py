@@ -76,6 +76,24 @@ class MoRModel(nn.Module):
         first, size = self.plan.num_positions, len(self.plan.steps[-1])
         return tuple(tuple(range(first + e * size, first + (e + 1) * size)) for e in range(extra_recursions))
 
+    def recursion_steps(self, max_recursions: int | None = None,
+                        extra_recursions: int = 0) -> tuple[tuple[int, ...], ...]:
+        """Unrolled positions of each recursion step a forward runs: all trained steps, the first
+        ``max_recursions`` of them, or ``extra_recursions`` more (test-time depth). A block that is not applied
+        as a whole per step (sequence sharing) has one step, which ``max_recursions`` does not cut."""
+        cycles = self.config.sharing in ("cycle", "middle_cycle")
+        if max_recursions is not None and max_recursions < 1:
+            raise ValueError(f"max_recursions must be at least 1, got {max_recursions}")
+        if extra_recursions:
+            if extra_recursions < 0 or not cycles:
+                raise ValueError(f"extra_recursions={extra_recursions}: needs a non-negative count and a block "
+                                 f"applied as a whole per step (sharing 'cycle' or 'middle_cycle', "
+                                 f"got {self.config.sharing!r})")
+            if max_recursions is not None:
+                raise ValueError("give either max_recursions (fewer steps) or extra_recursions (more), not both")
+        steps = self.plan.steps[:max_recursions] if max_recursions is not None and cycles else self.plan.steps
+        return steps + self.extra_steps(extra_recursions)
+
     def kv_position(self, position: int) -> int:
         """The position whose keys/values ``position`` attends to: its own, or with recursive KV sharing those of
         the first position that runs the same layer."""
@@ -116,10 +134,7 @@ class MoRModel(nn.Module):
         for position in self.plan.prelude:
             hidden = self._run(position, hidden, rope, mask, layout, kvs, cache)
 
-        steps = self.plan.steps
-        if max_recursions is not None and self.config.sharing in ("cycle", "middle_cycle"):
-            steps = steps[:max_recursions]
-        steps = steps + self.extra_steps(extra_recursions)
+        steps = self.recursion_steps(max_recursions, extra_recursions)
         if self.expert is not None:
             hidden, depths = self._expert_steps(hidden, layout, steps, routing, kvs, result, cache)
         elif self.token is not None:
@@ -303,15 +318,7 @@ class MoRForCausalLM(nn.Module):
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        if max_recursions is not None and max_recursions < 1:
-            raise ValueError(f"max_recursions must be at least 1, got {max_recursions}")
-        if extra_recursions:
-            if extra_recursions < 0 or self.config.sharing not in ("cycle", "middle_cycle"):
-                raise ValueError(f"extra_recursions={extra_recursions}: needs a non-negative count and a block "
-                                 f"applied as a whole per step (sharing 'cycle' or 'middle_cycle', "
-                                 f"got {self.config.sharing!r})")
-            if max_recursions is not None:
-                raise ValueError("give either max_recursions (fewer steps) or extra_recursions (more), not both")
+        self.model.recursion_steps(max_recursions, extra_recursions)  # clear errors before any work
         if cache is not None and routing == "topk" and self.config.router != "none":
             raise ValueError("a KV cache continues sequences token by token, which needs routing='causal' "
                              "(per-sequence top-k looks at later tokens)")

@@ -294,13 +294,13 @@ class TokenChoice(nn.Module):
             p = mean_probs / mean_probs.sum()
             result.stats["entropy"] = -(p * p.clamp(min=1e-12).log()).sum()
 
-    def widen(self, depth: Tensor, num_steps: int) -> Tensor:
-        """Depths for ``num_steps`` recursion steps: capped by ``max_recursions``, and with extra recursions the
-        tokens assigned the deepest trained step run every extra one as well (test-time depth scaling)."""
-        depth = depth.clamp(max=num_steps)
-        if num_steps > self.config.num_recursions:
-            depth = depth.masked_fill(depth == self.config.num_recursions, num_steps)
-        return depth
+    def widen(self, depth: Tensor, num_steps: int | Tensor) -> Tensor:
+        """Depths for ``num_steps`` recursion steps (one count, or one per token): fewer than trained cap the
+        depth; with more (extra recursions) the tokens assigned the deepest trained step run every extra one as
+        well (test-time depth scaling)."""
+        steps = torch.as_tensor(num_steps, device=depth.device)
+        depth = torch.minimum(depth, steps)
+        return torch.where((depth == self.config.num_recursions) & (steps > self.config.num_recursions), steps, depth)
 
     def step_output(self, first: Tensor, block_out: Tensor, gate: Tensor, exits: Tensor) -> Tensor:
         """The new hidden state after a step: at the token's last step (``exits``) ``H^1 + g * f(H^r)``, before
