@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 QUICKSTART_MODEL = dict(
     preset="quickstart", vocab_size=4096, max_position_embeddings=128,
     sharing="middle_cycle", num_recursions=3, router="expert",
@@ -34,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from mor.data.sample import prepare_sample, sample_tokenizer_path
     from mor.data.shards import TokenShards
     from mor.data.tokenizer import load_tokenizer
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(sample_tokenizer_path())
     prompt = torch.tensor([tokenizer.encode(args.prompt)])
     print(args.prompt, end="")
-    streamer = TextStreamer(tokenizer, color_depth=True)
+    streamer = TextStreamer(tokenizer, color_depth=True, num_recursions=model.config.num_recursions)
     output = model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=0.8,
                             top_k=50, seed=0, streamer=streamer)
     depths = output.depths[0, : int(output.lengths[0])].tolist()
