@@ -204,4 +204,5 @@ def _hub_docs(task: Task) -> list[Doc]:
             "Online, datasets downloads it once into its cache (HF_HOME) and later runs read the cache, also "
             f"offline with HF_DATASETS_OFFLINE=1; without either, give --data-dir DIR with DIR/eval/{task.filename}"
         ) from None
-    return [{"id": f"{task.name}/{i}", **task.from_hub(row)} for i, row in enumerate(rows)]
+    stem = task.filename.split(".")[0]  # ids as in the local files: "lambada_openai/0"
+    return [{"id": f"{stem}/{i}", **task.from_hub(row)} for i, row in enumerate(rows)]
