@@ -298,9 +298,24 @@ def test_text_streamer_prints_the_text_and_colours_depths():
     streamer = TextStreamer(CharTokenizer(), color_depth=True, stream=buffer,
                             num_recursions=model.config.num_recursions)
     out = generate(model, tokens(1, 4), max_new_tokens=6, streamer=streamer)
-    expected = "".join(depth_colour(d, model.config.num_recursions) + CharTokenizer().decode([t]) + RESET
-                       for t, d in zip(out.tokens[0].tolist(), out.depths[0].tolist()))
+    pieces = [(CharTokenizer().decode([t]), d) for t, d in zip(out.tokens[0].tolist(), out.depths[0].tolist())]
+    expected = "".join(piece if piece.isspace() else depth_colour(d, model.config.num_recursions) + piece + RESET
+                       for piece, d in pieces)  # whitespace unpainted
     assert buffer.getvalue() == expected + "\n"
+
+
+def test_text_streamer_leaves_whitespace_unpainted():
+    class Words:
+        def decode(self, ids):
+            return "".join([" to", " be\n", "\n", "or"][i] for i in ids)
+
+    buffer = io.StringIO()
+    streamer = TextStreamer(Words(), color_depth=True, stream=buffer, num_recursions=2)
+    streamer.put(torch.tensor([0]))  # the prompt
+    for token, depth in ((0, 1), (1, 2), (2, 1), (3, 2)):
+        streamer.put(torch.tensor([token]), torch.tensor([depth]))
+    one, two = depth_colour(1, 2), depth_colour(2, 2)
+    assert buffer.getvalue() == f" {one}to{RESET} {two}be{RESET}\n\n{two}or{RESET}"
 
 
 def test_the_terminal_paints_depths_in_the_colours_of_the_html_and_png_views():

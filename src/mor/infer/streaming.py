@@ -7,6 +7,7 @@ prompt). A :class:`Streamer` also receives the recursion depth that produced eac
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Protocol, TextIO
 
@@ -103,8 +104,10 @@ class TextStreamer(Streamer):
             return
         piece = text[len(self.printed):]
         self.printed = text
-        if self.color_depth and self.depth is not None and piece:
-            piece = depth_colour(self.depth, self.num_recursions) + piece + RESET
+        if self.color_depth and self.depth is not None:
+            # Whitespace stays unpainted: a painted newline would fill the next line with the colour.
+            colour = depth_colour(self.depth, self.num_recursions)
+            piece = re.sub(r"\S+", lambda match: colour + match.group() + RESET, piece)
         self.stream.write(piece)
         self.stream.flush()
 
