@@ -1,6 +1,6 @@
 """Where the eval tasks come from: each Hugging Face dataset's rows become exactly the items of the local files
-(the first item of each file, as a row of its Hub dataset), and one option picks the source. No network: the
-Hub is replaced by a stand-in for ``datasets``."""
+(items of llm-foundry's files, some shortened, written as rows of the Hub datasets), and one option picks the
+source. No network: the Hub is replaced by a stand-in for ``datasets``."""
 
 from __future__ import annotations
 

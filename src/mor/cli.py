@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that spin while they wait stall every step when another process holds one of the cores: on a
+    # busy 2-core machine the quickstart's steps took 4x as long (benchmarks/cpu_threads.py). Waiting passively
+    # costs nothing measurable when the machine is idle. Set before torch is imported, unless the user chose.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
