@@ -126,6 +126,16 @@ def test_a_device_or_config_given_to_lm_eval_is_kept():
         assert with_device(["--model", "mor", *argv]) == ["--model", "mor", *argv]
 
 
+def test_a_task_dataset_out_of_reach_is_one_line_that_says_what_to_do(monkeypatch, capsys):
+    def offline():
+        raise ConnectionError("Couldn't reach 'baber/piqa' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", offline)
+    assert harness_main(["--model", "mor", "--tasks", "piqa"]) == 1
+    assert capsys.readouterr().err.startswith("mor lm-eval: Couldn't reach 'baber/piqa' on the Hub "
+                                              "(LocalEntryNotFoundError). lm-eval's tasks download their data")
+
+
 def test_lm_eval_help_names_the_mor_model(capsys):
     assert harness_main(["--help"]) == 0
     help_text = capsys.readouterr().out

@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         cli_evaluate()
     except SystemExit as exit_:  # argparse exits; report its status as ours
         return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    except ConnectionError as error:  # a task's dataset, neither reachable nor cached
+        print(f"mor lm-eval: {error}. lm-eval's tasks download their data from the Hugging Face Hub with datasets: "
+              "run once online; later runs read the cache, also offline with HF_DATASETS_OFFLINE=1", file=sys.stderr)
+        return 1
     return 0
 
 
