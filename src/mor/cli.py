@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # OpenMP threads that spin while they wait stall every step when another process holds one of the cores: on a
-    # busy 2-core machine the quickstart's steps took 4x as long (benchmarks/cpu_threads.py). Waiting passively
-    # costs nothing measurable when the machine is idle. Set before torch is imported, unless the user chose.
+    # OpenMP threads that spin while they wait stall every step when another process holds one of the cores. On
+    # 2 cores (benchmarks/cpu_threads.py) passive waiting made quickstart steps 2.6x faster beside one busy
+    # process and 1.4x slower on an idle machine: a bounded cost against runs that took 10 times as long on a
+    # shared machine. Set before torch is imported, unless the environment chose.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
