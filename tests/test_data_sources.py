@@ -95,6 +95,9 @@ def test_hf_prefix_streams_with_load_dataset(tmp_path):
     source = parse_source(f"hf:{tmp_path / 'hub'}?split=train")
     assert (source.kind, source.options) == ("hf-hub", {"split": "train"})
     assert list(iter_documents(source)) == DOCS
+    assert list(iter_documents(f"hf:{tmp_path / 'hub'}?limit=2")) == DOCS[:2]  # a slice of a large corpus
+    with pytest.raises(DataError, match="limit must be a positive number of rows, got '0'"):
+        parse_source(f"hf:{tmp_path / 'hub'}?limit=0")
 
 
 def test_non_utf8_names_file_and_line(tmp_path):

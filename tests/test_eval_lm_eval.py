@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from test_eval_support import CountingLM, bpe_tokenizer, sentences, tiny_model, word_tokenizer, words
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -15,6 +16,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from mor.data import load_tokenizer  # noqa: E402
 from mor.eval.harness import main as harness_main  # noqa: E402
+from mor.eval.harness import with_device  # noqa: E402
 from mor.eval.lm_eval_adapter import MoRLM  # noqa: E402
 from mor.eval.scoring import encode_pair, loglikelihoods  # noqa: E402
 from mor.eval.tasks import Task, evaluate_task  # noqa: E402
@@ -105,16 +107,40 @@ def test_generate_until_decodes_greedily_and_stops():
     assert lm.generate_until(requests, disable_tqdm=True) == ["w3 w4 w5 ", "w3 w4 w5"]
 
 
-def test_lm_eval_command_line_runs_the_mor_model(setup, tmp_path):
+def test_lm_eval_command_line_runs_the_mor_model_on_the_device_that_exists(setup, tmp_path):
+    # No --device: lm-eval's own default (cuda:0) crashed on machines without a GPU.
     out = tmp_path / "out"
     code = harness_main(["--model", "mor", "--model_args", f"pretrained={setup['ckpt']},routing=causal",
-                         "--tasks", "tiny_choice", "--include_path", str(setup["tasks"]), "--device", "cpu",
+                         "--tasks", "tiny_choice", "--include_path", str(setup["tasks"]),
                          "--batch_size", "4", "--limit", "3", "--output_path", str(out)])
     assert code == 0
     [written] = Path(out).rglob("results_*.json")
     results = json.loads(written.read_text())
     assert results["results"]["tiny_choice"]["acc,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
     assert results["config"]["model_args"] == {"pretrained": str(setup["ckpt"]), "routing": "causal"}
+    assert results["config"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_device_or_config_given_to_lm_eval_is_kept():
+    for argv in (["--device", "cuda:1"], ["--device=cpu"], ["--config", "run.yaml"], ["-C", "run.yaml"]):
+        assert with_device(["--model", "mor", *argv]) == ["--model", "mor", *argv]
+
+
+def test_a_task_dataset_out_of_reach_is_one_line_that_says_what_to_do(monkeypatch, capsys):
+    def offline():
+        raise ConnectionError("Couldn't reach 'baber/piqa' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", offline)
+    assert harness_main(["--model", "mor", "--tasks", "piqa"]) == 1
+    assert capsys.readouterr().err.startswith("mor lm-eval: Couldn't reach 'baber/piqa' on the Hub "
+                                              "(LocalEntryNotFoundError). lm-eval's tasks download their data")
+
+
+def test_lm_eval_help_names_the_mor_model(capsys):
+    assert harness_main(["--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "--model mor --model_args pretrained=CHECKPOINT" in help_text
+    assert "--tasks" in help_text  # lm-eval's own help follows
 
 
 def test_generate_until_with_kv_cached_generate_matches_full_forward_decoding():

@@ -6,8 +6,8 @@ import torch
 from mor import MoRConfig, MoRForCausalLM
 from mor.infer import SamplingParams, generate
 from mor.infer.sampling import sample
-from mor.infer.streaming import RESET, Streamer, TextStreamer, depth_colour
 from mor.infer.page_pool import PagedCache
+from mor.infer.streaming import RESET, Streamer, TextStreamer, depth_colour, depth_palette
 from mor.model.kv_cache import StaticKVCache
 
 VOCAB = 256
@@ -296,8 +296,35 @@ def test_streamers_receive_the_prompt_then_every_token_with_its_depth():
 def test_text_streamer_prints_the_text_and_colours_depths():
     model = make("expert")
     buffer = io.StringIO()
-    out = generate(model, tokens(1, 4), max_new_tokens=6, streamer=TextStreamer(CharTokenizer(), color_depth=True,
-                                                                                 stream=buffer))
-    expected = "".join(depth_colour(d) + CharTokenizer().decode([t]) + RESET
-                       for t, d in zip(out.tokens[0].tolist(), out.depths[0].tolist()))
+    streamer = TextStreamer(CharTokenizer(), color_depth=True, stream=buffer,
+                            num_recursions=model.config.num_recursions)
+    out = generate(model, tokens(1, 4), max_new_tokens=6, streamer=streamer)
+    pieces = [(CharTokenizer().decode([t]), d) for t, d in zip(out.tokens[0].tolist(), out.depths[0].tolist())]
+    expected = "".join(piece if piece.isspace() else depth_colour(d, model.config.num_recursions) + piece + RESET
+                       for piece, d in pieces)  # whitespace unpainted
     assert buffer.getvalue() == expected + "\n"
+
+
+def test_text_streamer_leaves_whitespace_unpainted():
+    class Words:
+        def decode(self, ids):
+            return "".join([" to", " be\n", "\n", "or"][i] for i in ids)
+
+    buffer = io.StringIO()
+    streamer = TextStreamer(Words(), color_depth=True, stream=buffer, num_recursions=2)
+    streamer.put(torch.tensor([0]))  # the prompt
+    for token, depth in ((0, 1), (1, 2), (2, 1), (3, 2)):
+        streamer.put(torch.tensor([token]), torch.tensor([depth]))
+    one, two = depth_colour(1, 2), depth_colour(2, 2)
+    assert buffer.getvalue() == f" {one}to{RESET} {two}be{RESET}\n\n{two}or{RESET}"
+
+
+def test_the_terminal_paints_depths_in_the_colours_of_the_html_and_png_views():
+    palette = depth_palette(3)
+    assert len(palette) == 4 and palette[0] == "#d9d9d9"
+    for depth, hex_colour in enumerate(palette):
+        rgb = ";".join(str(int(hex_colour[i:i + 2], 16)) for i in (1, 3, 5))
+        assert depth_colour(depth, 3).startswith(f"\033[48;2;{rgb}m")
+    assert depth_colour(9, 3) == depth_colour(3, 3)  # extra recursions look like the deepest trained one
+    style = pytest.importorskip("mor.viz.style", reason="needs matplotlib (pip install 'mor[viz]')")
+    assert style.depth_colors(3) == palette

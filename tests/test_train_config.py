@@ -11,7 +11,8 @@ import yaml
 
 from mor.cli import main
 from mor.train.budget import resolve_budget
-from mor.train.config import ConfigError, ScheduleConfig, apply_override, config_from_dict, load_config
+from mor.train.config import (ConfigError, RunConfig, ScheduleConfig, apply_override, config_from_dict,
+                              load_config)
 from mor.train.optim import build_optimizer, parameter_groups
 from mor.train.schedule import decay_steps, lr_multiplier, warmup_steps
 
@@ -31,7 +32,7 @@ def minimal(**sections) -> dict:
     ({"optim": {"lr": "abc"}}, "optim.lr: expected float, got str 'abc'"),
     ({"optim": {"lrr": 1.0}}, "optim.lrr: unknown key"),
     ({"optimizer": {}}, "optimizer: unknown key"),
-    ({"run": {"compile": "yes"}}, "run.compile: expected bool, got str 'yes'"),
+    ({"run": {"compile": "yes"}}, "run.compile: expected true, false or auto, got 'yes'"),
     ({"batch": {"micro_batch_size": 2.5}}, "batch.micro_batch_size: expected int, got float 2.5"),
     ({"optim": {"betas": [0.9]}}, "optim.betas: expected 2 values, got 1"),
     ({"optim": {"betas": [0.9, "x"]}}, "optim.betas[1]: expected float, got str 'x'"),
@@ -77,8 +78,17 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     assert config.model_config().num_recursions == 3
     with pytest.raises(ConfigError, match="optim.lr: expected float, got str 'fast'"):
         load_config(path, ["optim.lr=fast"])
-    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         apply_override({}, "optim.lr")
+
+
+def test_compile_defaults_to_what_helps_on_the_device():
+    run = RunConfig()
+    assert run.compile == "auto" and not run.compiles("cpu") and run.compiles("cuda")
+    assert RunConfig(compile=True).compiles("cpu") and not RunConfig(compile=False).compiles("cuda")
+    # No shipped config forces it, so a CPU try of any of them starts at once instead of compiling for minutes.
+    for path in CONFIGS.rglob("*.yaml"):
+        assert "compile" not in (yaml.safe_load(path.read_text()).get("run") or {}), path
 
 
 def test_model_section_preset_with_overrides():

@@ -158,7 +158,8 @@ def test_cli_depth_and_stats(tmp_path, capsys):
     out = tmp_path / "depth"
     assert main(["viz", "depth", str(checkpoint), "--tokenizer", tokenizer, "--text", "To be, or not to be",
                  "--routing", "causal", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.startswith("causal: ")
+    printed = capsys.readouterr()
+    assert printed.out.startswith("causal: ") and str(out / "depth.json") in printed.err
     assert "routing: causal" in (out / "depth.html").read_text() and is_png(out / "depth.png")
 
     text = tmp_path / "text.txt"
@@ -168,6 +169,8 @@ def test_cli_depth_and_stats(tmp_path, capsys):
                  "--seq-len", "32", "--routing", "topk", "--no-scaling", "--out", str(stats)]) == 0
     metrics = json.loads((stats / "routing_metrics.json").read_text())["modes"]["topk"]
     assert metrics["rows"] == 2 and metrics["seq_len"] == 32
+    summary = capsys.readouterr().out.splitlines()  # a summary: the numbers are in the files
+    assert len(summary) == 2 and summary[1].startswith(f"topk: NLL {metrics['nll']:.3f}, mean depth ")
     assert not (stats / "depth_scaling.json").exists()
     assert main(["viz", "stats", str(checkpoint), "--tokenizer", tokenizer, "--data", str(text),
                  "--seq-len", "100000", "--out", str(stats)]) == 2

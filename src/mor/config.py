@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 SHARING = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
 ROUTERS = ("none", "expert", "token")
 KV_CACHES = ("recursion", "share")
@@ -23,6 +25,10 @@ EXPERT_SAMPLING = ("aux_loss", "aux_router")
 BALANCING = ("loss", "loss_free", "none")
 TOKEN_GATING = ("exit", "every")
 ROUTING_MODES = ("topk", "causal")
+# Up-training a vanilla model into a recursive one (mor.interop.recursive): the sharing strategies it supports
+# and which original layers initialise the shared block.
+RECURSIVE_SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
+INITS = ("stepwise", "average", "lower", "upper", "random")
 
 # The paper's base shapes (MOR_SPEC section 2, table "model_arch").
 _SMOLLM = dict(vocab_size=49152, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5)
@@ -281,3 +287,15 @@ class MoRConfig:
 def _divisors_near(n: int, k: int) -> list[int]:
     divisors = [d for d in range(1, n + 1) if n % d == 0]
     return sorted(divisors, key=lambda d: abs(d - k))[:3]
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` (a ``--set`` override) as ``(KEY, value)``, the value parsed as YAML: ``1e-3``, ``true``,
+    ``null``, ``[1.0, 0.5]``; an empty value is null."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{text!r}: the value is not valid YAML ({getattr(error, 'problem', error)})") from None

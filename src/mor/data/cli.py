@@ -7,11 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from mor.data.prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, damaged_files, prepare
-from mor.data.sample import prepare_sample
-from mor.data.shards import TokenShards, read_index
-from mor.data.sources import DataError
-from mor.data.tokenizer import load_tokenizer, train_tokenizer
 
 SOURCES_HELP = ("files (.txt = one document; .jsonl with a text field; either may end in .gz/.xz/.zst; .parquet), "
                 "folders of them, folders written by datasets' save_to_disk (append ?split=NAME for a "
@@ -32,14 +27,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--val-fraction", type=float, default=None,
-                       help=f"send every 1/F-th document to the validation split (default {DEFAULT_VAL_FRACTION})")
+                       help="send every 1/F-th document to the validation split (default 0.01)")
     split.add_argument("--val", action="append", default=[], metavar="SOURCE",
                        help="a validation source instead (repeat for several)")
     _common_options(p)
     p.add_argument("--eos-token", default=None, help="end-of-document token (default: <|endoftext|> or </s>)")
     p.add_argument("--workers", type=_positive_int, default=1,
                    help="tokenizer processes; 1 tokenizes in this process with the library's threads (default)")
-    p.add_argument("--shard-tokens", type=_positive_int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
+    p.add_argument("--shard-tokens", type=_positive_int, help="tokens per shard file (default 2^28: 512 MiB as uint16)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset of other inputs already in OUT")
     p.set_defaults(func=_prepare)
 
@@ -89,11 +84,15 @@ def _fail(error: Exception) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from mor.data.prepare import prepare  # numpy and tokenizers: imported when a command runs, not for --help
+    from mor.data.tokenizer import load_tokenizer
+
+    shard_tokens = {"shard_tokens": args.shard_tokens} if args.shard_tokens else {}
     try:
         index = prepare(args.sources, load_tokenizer(args.tokenizer, args.eos_token), args.out, val_sources=args.val,
                         val_fraction=args.val_fraction, text_field=args.text_field, workers=args.workers,
-                        shard_tokens=args.shard_tokens, overwrite=args.overwrite)
-    except (DataError, FileNotFoundError, ValueError, ImportError) as error:
+                        overwrite=args.overwrite, **shard_tokens)
+    except (FileNotFoundError, ValueError, ImportError) as error:  # DataError is a ValueError
         return _fail(error)
     print(_summary(index))
     return 0
@@ -112,6 +111,10 @@ def _summary(index: dict) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from mor.data.prepare import damaged_files
+    from mor.data.shards import TokenShards, read_index
+    from mor.data.tokenizer import load_tokenizer
+
     try:
         index = read_index(args.dir)
     except (FileNotFoundError, ValueError) as error:
@@ -131,6 +134,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from mor.data.sample import prepare_sample
+
     try:
         print(_summary(prepare_sample(args.out, overwrite=args.overwrite)))
     except ValueError as error:
@@ -139,10 +144,12 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
+    from mor.data.tokenizer import train_tokenizer
+
     try:
         tok = train_tokenizer(args.sources, args.vocab_size, args.out, text_field=args.text_field,
                               min_frequency=args.min_frequency)
-    except (DataError, FileNotFoundError, ValueError, ImportError) as error:
+    except (FileNotFoundError, ValueError, ImportError) as error:
         return _fail(error)
     print(f"wrote {tok.path}: vocab {tok.vocab_size:,}, eos {tok.eos_token!r} = {tok.eos_token_id}, "
           f"sha256 {tok.sha256[:16]}…")

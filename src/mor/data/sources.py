@@ -8,8 +8,9 @@ A source is named by a string:
 * a folder: every such file below it, in sorted path order (other files are ignored), or a dataset written
   by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict`` reads split ``train`` unless ``?split=NAME`` is
   appended);
-* ``hf:NAME?name=CONFIG&split=SPLIT&revision=REV``: a Hugging Face Hub dataset, streamed (all options
-  optional, split defaults to ``train``). ``NAME`` may also be a local folder of data files.
+* ``hf:NAME?name=CONFIG&split=SPLIT&revision=REV&limit=N``: a Hugging Face Hub dataset, streamed (all options
+  optional, split defaults to ``train``; ``limit`` reads its first ``N`` rows only, e.g. a slice of a corpus far
+  larger than a training budget). ``NAME`` may also be a local folder of data files.
 
 Bad input raises :class:`DataError` naming the file and line (or row).
 """
@@ -95,7 +96,11 @@ def parse_source(spec: str | Path | Source) -> Source:
         name, _, query = spec[len(HF_PREFIX):].partition("?")
         if not name:
             raise DataError(f"{spec!r}: give a dataset name after 'hf:', e.g. hf:HuggingFaceFW/fineweb-edu")
-        return Source(spec, "hf-hub", name, _parse_options(spec, query, {"name", "split", "revision"}))
+        options = _parse_options(spec, query, {"name", "split", "revision", "limit"})
+        limit = options.get("limit")
+        if limit is not None and not (limit.isdigit() and int(limit) > 0):
+            raise DataError(f"{spec!r}: limit must be a positive number of rows, got {limit!r}")
+        return Source(spec, "hf-hub", name, options)
     path, query = Path(spec), ""
     if not path.exists() and "?" in spec:  # "saved_dataset_dir?split=validation"
         location, _, query = spec.partition("?")
@@ -274,6 +279,8 @@ def _read_hub_dataset(source: Source, text_field: str) -> Iterator[str]:
     options = source.options
     dataset = datasets.load_dataset(source.location, options.get("name"), split=options.get("split", "train"),
                                     revision=options.get("revision"), streaming=True)
+    if "limit" in options:
+        dataset = dataset.take(int(options["limit"]))
     for row, record in enumerate(dataset, start=1):
         if text_field not in record:
             raise DataError(f"{source.spec}: row {row}: no {text_field!r} field (found {sorted(record)}); "

@@ -8,14 +8,8 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-import torch
-
-from mor.eval.checkpoint import load_checkpoint
-from mor.outputs import writable_file
-from mor.eval.perplexity import evaluate_perplexity, source_rows
-from mor.eval.results import Metric, markdown_table, write_json
-from mor.eval.scoring import routing_modes
-from mor.eval.tasks import TASKS, default_data_dir, evaluate_task, load_docs, resolve_tasks
+from mor.cli import add_device_argument, resolve_device
+from mor.eval.task_data import TASKS, data_source, load_docs, resolve_tasks
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,11 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-length", type=int, help="context window for task scoring; longer inputs lose tokens "
                                                        "from the left (default: max_position_embeddings)")
     parser.add_argument("--tokenizer", help="tokenizer.json (or a folder holding one); default: the checkpoint's")
-    parser.add_argument("--data-dir", type=Path, help="folder holding eval/ (default: $MOR_DATA_DIR or "
-                                                      "shared/data beside the repository)")
+    parser.add_argument("--data-dir", type=Path,
+                        help="read the tasks from DIR/eval/*.jsonl instead of the Hugging Face Hub (default: "
+                             "$MOR_DATA_DIR; unset: each task's Hub dataset, read with datasets, which caches it "
+                             "for offline runs)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda when available)")
+    add_device_argument(parser)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="auto = bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--transformers", action="store_true",
@@ -62,14 +57,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     # prefix_chars="+": every "-..." argument is lm-eval's, passed through untouched.
     harness = subparsers.add_parser(
-        "lm-eval", add_help=False, prefix_chars="+", help="run lm-evaluation-harness with the model 'mor' registered",
-        description="All arguments go to lm-evaluation-harness, e.g. "
-                    "mor lm-eval --model mor --model_args pretrained=CKPT --tasks hellaswag")
+        "lm-eval", add_help=False, prefix_chars="+",
+        help="lm-evaluation-harness with the model 'mor': mor lm-eval --model mor --model_args pretrained=CKPT "
+             "--tasks hellaswag (--help: more)")
     harness.add_argument("harness_args", nargs=argparse.REMAINDER)
     harness.set_defaults(func=run_harness)
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from mor.eval.checkpoint import load_checkpoint
+    from mor.eval.perplexity import evaluate_perplexity, source_rows
+    from mor.eval.results import Metric, markdown_table, write_json
+    from mor.eval.scoring import routing_modes
+    from mor.eval.tasks import evaluate_task
+    from mor.outputs import writable_file
+
     if not args.tasks and not args.perplexity:
         print("mor eval: nothing to evaluate; pass --tasks (e.g. --tasks paper) and/or --perplexity FILE",
               file=sys.stderr)
@@ -85,7 +89,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.out:
             writable_file(args.out, "--out")
         tasks = resolve_tasks(args.tasks) if args.tasks else []
-        model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.device, args.dtype,
+        model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, resolve_device(args.device), args.dtype,
                                            backend="transformers" if args.transformers else "mor", verify=args.verify)
         context = model.config.max_position_embeddings
         for name in ("seq_len", "max_length"):
@@ -96,7 +100,7 @@ def run_eval(args: argparse.Namespace) -> int:
         rows = {source: list(islice(source_rows(source, tokenizer, seq_len, model.config.vocab_size),
                                     args.perplexity_rows)) for source in args.perplexity}
         docs = {task.name: load_docs(task, args.data_dir) for task in tasks}
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"mor eval: {error}", file=sys.stderr)
         return 2
     modes = routing_modes(model, args.routing)
@@ -119,7 +123,8 @@ def run_eval(args: argparse.Namespace) -> int:
                    settings={**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                 if k not in ("func", "command")},
                              "seq_len": seq_len, "max_length": args.max_length or model.config.max_position_embeddings},
-                   data_dir=str(args.data_dir or default_data_dir()), model_config=model.config.to_dict(),
+                   task_sources={task.name: data_source(task, args.data_dir) for task in tasks},
+                   model_config=model.config.to_dict(),
                    environment={"torch": torch.__version__, "python": platform.python_version()})
         print(f"wrote {args.out}", file=sys.stderr)
     return 0

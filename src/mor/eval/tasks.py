@@ -1,4 +1,5 @@
-"""Zero- and few-shot tasks over local JSON Lines files, scored with the paper's metrics (MOR_SPEC 10.2).
+"""Zero- and few-shot tasks scored with the paper's metrics (MOR_SPEC 10.2); :mod:`mor.eval.task_data` defines
+the tasks and reads their items.
 
 Three request shapes cover every task:
 
@@ -10,18 +11,14 @@ Three request shapes cover every task:
 * ``lambada``: ``acc`` is 1 when greedy decoding reproduces every continuation token; ``ppl`` is
   ``exp(-mean log P(" " + continuation | context))`` over items, as lm-evaluation-harness aggregates it.
 
-Few-shot demonstrations are solved items of the same file (there are no train splits), never the scored item,
+Few-shot demonstrations are solved items of the same split (no train splits are read), never the scored item,
 drawn per item from a generator seeded by ``(seed, item index)``, and joined with blank lines.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
-import os
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,74 +28,12 @@ from tokenizers import Tokenizer
 
 from mor.eval.results import Metric, mean_stderr
 from mor.eval.scoring import encode_pair, eos_token_id, loglikelihoods, pad_token_id
+from mor.eval.task_data import TASKS, Task, load_docs, resolve_tasks
+
+__all__ = ["TASKS", "Task", "build_requests", "evaluate_task", "fewshot_indices", "item_scores", "load_docs",
+           "resolve_tasks"]
 
 FEWSHOT_SEPARATOR = "\n\n"
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    filename: str
-    kind: str  # "choice", "partial" or "lambada"
-    delimiter: str = " "  # between query and answer (llm-foundry's continuation delimiter)
-    primary: str = "acc_norm"  # the metric the paper reports
-
-
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("lambada", "lambada_openai.jsonl", "lambada", primary="acc"),
-    Task("hellaswag", "hellaswag.jsonl.gz", "choice"),
-    # PIQA queries end in a newline already: "Question: ...\nAnswer: <solution>", lm-eval's prompt (the paper's).
-    Task("piqa", "piqa.jsonl", "choice", delimiter="Answer: "),
-    Task("winogrande", "winogrande.jsonl", "partial", primary="acc"),
-    Task("arc_easy", "arc_easy.jsonl", "choice", delimiter="\nAnswer: "),
-    Task("arc_challenge", "arc_challenge.jsonl", "choice", delimiter="\nAnswer: "),
-    Task("openbookqa", "openbookqa.jsonl", "choice"),
-    Task("boolq", "boolq.jsonl", "choice", delimiter="\nAnswer: ", primary="acc"),
-    Task("copa", "copa.jsonl", "choice", primary="acc"),
-    Task("siqa", "siqa.jsonl", "choice", primary="acc"),
-)}
-ALIASES = {"lambada_openai": "lambada", "openbook_qa": "openbookqa", "obqa": "openbookqa"}
-# The paper's downstream columns that exist locally (MMLU is not shipped).
-PAPER_TASKS = ("lambada", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge")
-
-
-def default_data_dir() -> Path:
-    """``$MOR_DATA_DIR``, else ``shared/data`` beside the repository root."""
-    if os.environ.get("MOR_DATA_DIR"):
-        return Path(os.environ["MOR_DATA_DIR"])
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
-
-
-def resolve_tasks(spec: str | Sequence[str]) -> list[Task]:
-    """Tasks named in a comma-separated list (or a sequence); ``all`` and ``paper`` name groups."""
-    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
-    tasks: list[Task] = []
-    for name in names:
-        key = ALIASES.get(name.lower(), name.lower())
-        group = {"all": list(TASKS), "paper": list(PAPER_TASKS)}.get(key, [key])
-        for member in group:
-            if member not in TASKS:
-                raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)} (or the groups "
-                                 f"'all', 'paper')")
-            if TASKS[member] not in tasks:
-                tasks.append(TASKS[member])
-    if not tasks:
-        raise ValueError("no task given; pass e.g. --tasks lambada,hellaswag or --tasks paper")
-    return tasks
-
-
-def load_docs(task: Task, data_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """The items of a task's file in ``<data_dir>/eval`` (schemas: shared/data/README.md section 3)."""
-    path = Path(data_dir or default_data_dir()) / "eval" / task.filename
-    if not path.exists():
-        raise FileNotFoundError(f"{task.name}: {path} does not exist; point --data-dir (or MOR_DATA_DIR) at the "
-                                "directory that holds eval/")
-    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        docs = [json.loads(line) for line in f if line.strip()]
-    if not docs:
-        raise ValueError(f"{task.name}: {path} holds no items")
-    return docs
 
 
 def fewshot_indices(n_docs: int, index: int, k: int, seed: int) -> list[int]:

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-import torch
+from mor.cli import add_device_argument, resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,8 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(test-time depth scaling)")
     parser.add_argument("--color-depth", action="store_true", help="colour each token by its recursion depth (ANSI)")
     parser.add_argument("--tokenizer", help="tokenizer.json (or a folder holding one); default: the checkpoint's")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda when available)")
+    add_device_argument(parser)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="auto = bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
@@ -42,15 +41,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from mor.eval.checkpoint import load_checkpoint
     from mor.infer.generate import generate
     from mor.infer.streaming import TextStreamer, depth_legend
 
     try:
-        model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.device, args.dtype,
+        model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, resolve_device(args.device), args.dtype,
                                            verify=args.verify)
         prompt = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_token_id]
-        streamer = TextStreamer(tokenizer, color_depth=args.color_depth, stop_token_ids={tokenizer.eos_token_id})
+        streamer = TextStreamer(tokenizer, color_depth=args.color_depth, stop_token_ids={tokenizer.eos_token_id},
+                                num_recursions=model.config.num_recursions)
         if args.prompt:
             print(args.prompt, end="", flush=True)
         start = time.perf_counter()
@@ -69,6 +71,6 @@ def run_generate(args: argparse.Namespace) -> int:
     if count:
         summary += f", mean depth {depths.mean():.2f}"
     if args.color_depth:
-        summary += "  " + depth_legend(max(int(depths.max()) if count else 1, model.config.num_recursions))
+        summary += "  " + depth_legend(model.config.num_recursions)
     print(summary, file=sys.stderr)
     return 0

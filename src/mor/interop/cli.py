@@ -13,20 +13,17 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import yaml
+from mor.cli import add_set_argument
+from mor.config import INITS, KV_CACHES, RECURSIVE_SHARING, MoRConfig, parse_assignment
 
-from mor.config import KV_CACHES, MoRConfig
-from mor.interop.llama import UnsupportedCheckpointError, export_hf, load_hf_llama
-from mor.interop.recursive import INITS, RECURSIVE_SHARING, source_layers, to_recursive
-from mor.model import MoRForCausalLM
-from mor.outputs import writable_folder
+if TYPE_CHECKING:
+    from mor.model import MoRForCausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,11 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--router", choices=("expert", "token"), help="make a Mixture-of-Recursions model with this "
                                                                       "routing (implies --sharing middle_cycle)")
     parser.add_argument("--kv-cache", choices=KV_CACHES, help="KV caching strategy of the new model")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="further MoRConfig fields of the new model, e.g. --set capacities=[1.0,0.5] "
-                             "(values parsed as YAML)")
+    add_set_argument(parser, "further MoRConfig fields of the new model, e.g. --set capacities=[1.0,0.5]")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init and of fresh routers")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the written weights")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
     parser.add_argument("--tokenizer", type=Path, help="folder or tokenizer.json whose tokenizer files to copy "
                                                        "(default: those next to SRC)")
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
@@ -61,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mor.interop.llama import UnsupportedCheckpointError
+
     try:
         return _convert(args)
     except (UnsupportedCheckpointError, FileNotFoundError, ValueError, ImportError) as error:
@@ -69,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from mor.interop.llama import export_hf
+    from mor.interop.recursive import source_layers, to_recursive
+    from mor.outputs import writable_folder
+
     recursive = _recursive_options(args)
     if args.tokenizer is not None and not args.tokenizer.exists():
         raise FileNotFoundError(f"--tokenizer {args.tokenizer} does not exist")
@@ -81,7 +84,7 @@ def _convert(args: argparse.Namespace) -> int:
         groups = source_layers(model.config, recursive["init"], args.seed)
         print(f"{recursive['init']} init: shared layers start from original layers "
               + ", ".join("+".join(map(str, group)) for group in groups))
-    model = model.to(DTYPES[args.dtype])
+    model = model.to(getattr(torch, args.dtype))
     if args.to == "hf":
         export_hf(model, args.out)
     else:
@@ -121,16 +124,17 @@ def _recursive_options(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise ValueError(f"--set {text!r}: expected FIELD=VALUE, e.g. --set capacities=[1.0,0.5]")
+    name, value = parse_assignment(text)
     if name not in MoRConfig.__dataclass_fields__:
         raise ValueError(f"--set {text!r}: {name!r} is not a MoRConfig field")
-    return name, yaml.safe_load(value)
+    return name, value
 
 
 def load_any(src: Path) -> MoRForCausalLM:
     """A mor checkpoint folder, a Hugging Face Llama folder or a GGUF file as a model."""
+    from mor.interop.llama import load_hf_llama
+    from mor.model import MoRForCausalLM
+
     config_file = src / "config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "mor":
         return MoRForCausalLM.from_pretrained(src).eval()

@@ -27,11 +27,9 @@ from typing import Any
 
 import torch
 
-from mor.config import MoRConfig
+from mor.config import INITS, RECURSIVE_SHARING, MoRConfig
 from mor.model import MoRForCausalLM
 
-INITS = ("stepwise", "average", "lower", "upper", "random")
-RECURSIVE_SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
 # Fields that fix the shape of the backbone: the converted model must keep the vanilla model's.
 BACKBONE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                    "num_key_value_heads", "tie_word_embeddings")

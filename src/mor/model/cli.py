@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-import torch
-import yaml
-
-from mor.config import PRESETS, MoRConfig
-from mor.flops import forward_flops_per_token, tokens_for_budget
+from mor.cli import add_set_argument
+from mor.config import PRESETS, MoRConfig, parse_assignment
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,33 +16,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "buys. Example: mor info smollm-360m --set sharing=middle_cycle num_recursions=3 router=expert",
     )
     parser.add_argument("preset", help=f"a preset ({', '.join(PRESETS)}) or a checkpoint's config.json")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override config fields")
+    add_set_argument(parser, "override MoRConfig fields, e.g. --set sharing=middle_cycle num_recursions=3")
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length for attention FLOPs")
     parser.add_argument("--budget", type=float, default=16.5e18, help="forward-FLOP budget (default 16.5e18)")
     parser.set_defaults(func=run)
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    overrides = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects FIELD=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
-    return overrides
-
-
 def run(args: argparse.Namespace) -> int:
-    overrides = parse_overrides(args.set)
+    import torch
+
+    from mor.flops import forward_flops_per_token, tokens_for_budget
+    from mor.model import MoRForCausalLM
+
+    overrides = dict(parse_assignment(pair) for pair in args.overrides)
     try:
         if args.preset in PRESETS:
             config = MoRConfig.from_preset(args.preset, **overrides)
         else:
             config = MoRConfig.load(args.preset).replace(**overrides)
     except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    from mor.model import MoRForCausalLM
 
     with torch.device("meta"):
         model = MoRForCausalLM(config)

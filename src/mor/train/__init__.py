@@ -4,23 +4,16 @@
     result = train(load_config("configs/quickstart.yaml", ["budget.steps=50"]))
 """
 
-from __future__ import annotations
+from typing import TYPE_CHECKING
 
-import importlib
-from typing import Any
-
+from mor._lazy import lazy_exports
 from mor.train.config import ConfigError, TrainConfig, config_from_dict, load_config
 
-# The trainer pulls in torch.distributed.checkpoint; load it on first use so `mor --help` and the other
-# commands start fast (PEP 562).
-_LAZY = {"Trainer": "mor.train.trainer", "TrainingDiverged": "mor.train.trainer", "TrainResult": "mor.train.trainer",
-         "train": "mor.train.trainer", "CheckpointError": "mor.train.checkpoint"}
+if TYPE_CHECKING:
+    from mor.train.checkpoint import CheckpointError
+    from mor.train.trainer import Trainer, TrainingDiverged, TrainResult, train
 
 __all__ = ["CheckpointError", "ConfigError", "TrainConfig", "Trainer", "TrainingDiverged", "TrainResult",
            "config_from_dict", "load_config", "train"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mor.train' has no attribute {name!r}")
+lazy_exports(__name__, {"mor.train.trainer": ("Trainer", "TrainingDiverged", "TrainResult", "train"),
+                        "mor.train.checkpoint": ("CheckpointError",)})

@@ -1,4 +1,4 @@
-"""``mor train CONFIG.yaml [--set key.path=value ...] [--resume [PATH]] [--dry-run]``."""
+"""``mor train CONFIG.yaml [--set key.path=value ...] [--steps N] [--resume [PATH]] [--dry-run]``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from mor.train.budget import resolve_budget
+from mor.cli import add_set_argument, positive_int
 from mor.train.config import ConfigError, TrainConfig, load_config
-from mor.train.schedule import decay_steps, warmup_steps
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,9 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train a vanilla, recursive or MoR model. Launch with torchrun for several GPUs "
                     "(run.strategy=ddp or fsdp).")
     parser.add_argument("config", help="YAML training config (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.lr=1e-3 --set run.out_dir=runs/x "
-                             "(values are parsed as YAML)")
+    add_set_argument(parser, "override config values, e.g. --set optim.lr=1e-3 run.out_dir=runs/x")
+    parser.add_argument("--steps", type=positive_int, metavar="N",
+                        help="train for N optimizer steps, whatever budget the config gives (a short try)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
                         help="continue from the latest checkpoint in run.out_dir (no PATH; starts fresh if there is "
                              "none), or from a checkpoint or run directory")
@@ -37,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from mor.train.trainer import TrainingDiverged, train
 
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, steps=args.steps)
         if args.dry_run:
             return _dry_run(config, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.resume)
         result = train(config, resume=args.resume)
@@ -54,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _dry_run(config: TrainConfig, world_size: int, resume: str | None) -> int:
     from mor.outputs import OutputError, writable_folder
+    from mor.train.budget import resolve_budget
+    from mor.train.schedule import decay_steps, warmup_steps
     from mor.train.trainer import open_data, resume_checkpoint
 
     model_config = config.model_config()

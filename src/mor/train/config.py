@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mor.config import PRESETS, MoRConfig
+from mor.config import PRESETS, MoRConfig, parse_assignment
 
 STRATEGIES = ("none", "ddp", "fsdp")
 SCHEDULES = ("wsd", "cosine", "constant")
@@ -83,12 +83,16 @@ class RunConfig:
     eval_batches: int = 20
     save_every: int = 1000  # 0: save only at the end
     keep_last: int = 3
-    compile: bool = False
+    compile: bool | str = "auto"  # auto: on for CUDA, where it speeds training up; off on CPU, where it does not
     dtype: str = "auto"  # auto: bfloat16 autocast on GPU, float32 on CPU
     device: str = "auto"
     strategy: str = "none"  # none | ddp | fsdp (the latter two under torchrun)
     tensorboard: bool = False
     progress: bool = True
+
+    def compiles(self, device_type: str) -> bool:
+        """Whether to ``torch.compile`` the model on a device of this type."""
+        return self.compile if isinstance(self.compile, bool) else device_type == "cuda"
 
 
 @dataclass
@@ -174,6 +178,8 @@ class TrainConfig:
         for name in ("eval_every", "save_every"):
             if getattr(self.run, name) < 0:
                 raise ConfigError(f"run.{name}: must be non-negative, got {getattr(self.run, name)}")
+        if self.run.compile not in (True, False, "auto"):
+            raise ConfigError(f"run.compile: expected true, false or auto, got {self.run.compile!r}")
         _choice(self.run.dtype, DTYPES, "run.dtype")
         _choice(self.run.strategy, STRATEGIES, "run.strategy")
 
@@ -188,8 +194,10 @@ class TrainConfig:
         return self.batch.global_batch_size // per_step
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML training config, apply ``key.path=value`` overrides and validate everything."""
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                steps: int | None = None) -> TrainConfig:
+    """Read a YAML training config, apply ``key.path=value`` overrides and validate everything. ``steps``
+    replaces the config's budget, whichever kind it is (``mor train --steps N``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
@@ -199,6 +207,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     for override in overrides:
         apply_override(data, override)
+    if steps is not None:
+        data["budget"] = {"steps": steps}
     return config_from_dict(data)
 
 
@@ -210,15 +220,10 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Set ``a.b.c=value`` in a nested dict; the value is parsed as a YAML scalar (``1e-3``, ``true``, ``null``)."""
-    key, sep, text = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set {override!r}: expected KEY.PATH=VALUE, e.g. optim.lr=1e-3")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as error:
-        problem = getattr(error, "problem", None) or "not valid YAML"
-        raise ConfigError(f"--set {override!r}: the value is not valid YAML ({problem}); close its brackets and "
-                          f"quotes, e.g. {key}=1e-3 or {key}=[1, 2]") from None
+        key, value = parse_assignment(override)
+    except ValueError as error:
+        raise ConfigError(f"--set: {error}; e.g. optim.lr=1e-3") from None
     node = data
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
-import torch
+from mor.cli import add_device_argument, resolve_device
 
 from mor.outputs import writable_folder
 
@@ -95,8 +94,7 @@ def _checkpoint_args(parser: argparse.ArgumentParser) -> None:
                         help="routing modes of an expert-choice model: 'topk' is the per-sequence selection of "
                              "training, 'causal' the per-token decisions of decoding (default both)")
     parser.add_argument("--tokenizer", help="tokenizer.json (or a folder holding one); default: the checkpoint's")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda when available)")
+    add_device_argument(parser)
     parser.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"),
                         help="model dtype (default float32; auto = bfloat16 on CUDA)")
 
@@ -126,7 +124,7 @@ def _handler(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 def _load(args: argparse.Namespace):
     from mor.eval.checkpoint import load_checkpoint
 
-    return load_checkpoint(args.checkpoint, args.tokenizer, args.device, args.dtype)
+    return load_checkpoint(args.checkpoint, args.tokenizer, resolve_device(args.device), args.dtype)
 
 
 @_handler
@@ -138,12 +136,14 @@ def run_depth(args: argparse.Namespace) -> int:
     depths = depth_text_report(model, tokenizer, text, args.out, routing_modes(model, args.routing))
     for mode, values in depths.items():
         print(f"{mode}: {len(values)} tokens, mean depth {sum(values) / len(values):.3f}")
-    print(f"wrote {args.out / 'depth.html'}, {args.out / 'depth.png'}", file=sys.stderr)
+    print(f"wrote {args.out / 'depth.html'}, {args.out / 'depth.png'}, {args.out / 'depth.json'}", file=sys.stderr)
     return 0
 
 
 @_handler
 def run_stats(args: argparse.Namespace) -> int:
+    import torch
+
     from mor.eval.perplexity import source_rows
     from mor.viz.report import routing_modes, routing_stats_report
     from mor.viz.trace import can_cap_depth
@@ -167,9 +167,32 @@ def run_stats(args: argparse.Namespace) -> int:
     results = routing_stats_report(model, tokenizer, torch.tensor(rows), args.out,
                                    routing_modes(model, args.routing), top=args.top, batch_size=args.batch_size,
                                    scaling=not args.no_scaling)
-    print(json.dumps(results, indent=2))
-    print(f"wrote {args.out}", file=sys.stderr)
+    print("\n".join(stats_summary(results)))
+    print(f"wrote {', '.join(sorted(p.name for p in args.out.iterdir()))} in {args.out}", file=sys.stderr)
     return 0
+
+
+def stats_summary(results: dict) -> list[str]:
+    """A few lines per routing mode; the full numbers are in routing_metrics.json and depth_scaling.json."""
+    def percents(values: list[float]) -> str:
+        return " / ".join(f"{v:.1%}" for v in values)
+
+    lines = [results["model"]]
+    for mode, m in results["modes"].items():
+        line = (f"{mode}: NLL {m['nll']:.3f}, mean depth {m['mean_depth']:.2f}, tokens per depth "
+                f"{percents(m['depth_fraction'])}")
+        accuracy = [m[k] for k in sorted(m) if k.startswith("sampling_accuracy/")]
+        if accuracy:
+            line += f", router sampling accuracy {percents(accuracy)}"
+        if "dead_token_ratio" in m:
+            line += f", dead tokens {m['dead_token_ratio']:.1%}"
+        if "load" in m:
+            line += f", load {percents(m['load'])}, MaxVio {m['max_violation']:.3f}, entropy {m['entropy']:.3f}"
+        lines.append(line)
+    for name, nll in results.get("depth_scaling", {}).items():
+        lines.append(f"depth scaling, {name}: NLL " + ", ".join(f"{v:.3f}" for v in nll)
+                     + " at 1.." + str(len(nll)) + " recursions")
+    return lines
 
 
 @_handler

@@ -1,0 +1,77 @@
+"""The ``mor`` command itself: one ``--set`` for every subcommand, ``--steps``, and help without heavy imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mor.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("sets", [["--set", "sharing=middle_cycle", "--set", "num_recursions=4"],
+                                  ["--set", "sharing=middle_cycle", "num_recursions=4"]])
+def test_info_takes_every_set_in_either_form(sets, capsys):
+    code, out, _ = run(["info", "tiny-8l", *sets], capsys)
+    assert code == 0 and "middle_cycle / 4" in out
+
+
+@pytest.mark.parametrize("sets", [["--set", "optim.lr=1e-4", "--set", "batch.micro_batch_size=2"],
+                                  ["--set", "optim.lr=1e-4", "batch.micro_batch_size=2"]])
+def test_train_takes_every_set_in_either_form(sets, capsys):
+    code, out, _ = run(["train", str(CONFIGS / "quickstart.yaml"), *sets, "--dry-run"], capsys)
+    assert code == 0 and "batch: 2 sequences" in out
+
+
+def test_convert_uses_the_same_set(tmp_path, capsys):
+    code, _, err = run(["convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "mor",
+                        "--router", "expert", "--set", "capacities=[1.0,0.5,0.25]", "no_such_field=1"], capsys)
+    assert code == 1 and "'no_such_field' is not a MoRConfig field" in err
+
+
+@pytest.mark.parametrize("argv", [["train", "CONFIG", "--set", "optim.lr"],
+                                  ["info", "--set", "sharing=cycle", "tiny"],
+                                  ["convert", "a", "b", "--to", "mor", "--set", "x=[1,"]])
+def test_a_bad_set_is_reported_under_the_subcommand_usage(argv, capsys):
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert err.startswith(f"usage: mor {argv[0]} ") and f"mor {argv[0]}: error: --set: " in err
+
+
+def test_steps_overrides_any_budget(capsys):
+    # configs/small/ budgets FLOPs; --steps replaces that (no need to null the FLOP budget first).
+    code, out, _ = run(["train", str(CONFIGS / "small" / "vanilla.yaml"), "--steps", "5", "--dry-run"], capsys)
+    assert code == 0 and "budget: 5 steps" in out
+    code, _, err = run(["train", str(CONFIGS / "small" / "vanilla.yaml"), "--steps", "0"], capsys)
+    assert code == 2 and "argument --steps: must be at least 1" in err
+
+
+def test_help_and_argument_errors_import_no_heavy_module():
+    # `mor --help` paid seconds for torch before running anything; the time itself is measured by
+    # benchmarks/cli_startup.py.
+    script = """
+import sys
+from mor.cli import main
+for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["viz", "stats", "--help"], ["train", "x", "--set"],
+             ["data", "prepare", "--help"], ["convert", "--help"], ["generate", "--help"], ["quickstart", "--help"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "numpy", "tokenizers", "tqdm", "datasets", "matplotlib"}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines()[-1] == "[]"
