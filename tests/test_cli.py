@@ -29,10 +29,20 @@ def test_info_takes_every_set_in_either_form(sets, capsys):
     assert code == 0 and "middle_cycle / 4" in out
 
 
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory) -> str:
+    """The bundled corpus, prepared: a dry run checks the data as a real run would."""
+    from mor.data import prepare_sample
+
+    out = tmp_path_factory.mktemp("sample") / "data"
+    prepare_sample(out, progress=False)
+    return f"data.path={out}"
+
+
 @pytest.mark.parametrize("sets", [["--set", "optim.lr=1e-4", "--set", "batch.micro_batch_size=2"],
                                   ["--set", "optim.lr=1e-4", "batch.micro_batch_size=2"]])
-def test_train_takes_every_set_in_either_form(sets, capsys):
-    code, out, _ = run(["train", str(CONFIGS / "quickstart.yaml"), *sets, "--dry-run"], capsys)
+def test_train_takes_every_set_in_either_form(sets, sample_data, capsys):
+    code, out, _ = run(["train", str(CONFIGS / "quickstart.yaml"), *sets, sample_data, "--dry-run"], capsys)
     assert code == 0 and "batch: 2 sequences" in out
 
 
@@ -51,9 +61,10 @@ def test_a_bad_set_is_reported_under_the_subcommand_usage(argv, capsys):
     assert err.startswith(f"usage: mor {argv[0]} ") and f"mor {argv[0]}: error: --set: " in err
 
 
-def test_steps_overrides_any_budget(capsys):
+def test_steps_overrides_any_budget(sample_data, capsys):
     # configs/small/ budgets FLOPs; --steps replaces that (no need to null the FLOP budget first).
-    code, out, _ = run(["train", str(CONFIGS / "small" / "vanilla.yaml"), "--steps", "5", "--dry-run"], capsys)
+    code, out, _ = run(["train", str(CONFIGS / "small" / "vanilla.yaml"), "--steps", "5", "--set", sample_data,
+                        "--dry-run"], capsys)
     assert code == 0 and "budget: 5 steps" in out
     code, _, err = run(["train", str(CONFIGS / "small" / "vanilla.yaml"), "--steps", "0"], capsys)
     assert code == 2 and "argument --steps: must be at least 1" in err

@@ -4,6 +4,7 @@ only with ``--debug`` or ``MOR_DEBUG=1``. docs/reliability.md lists the cases.""
 from __future__ import annotations
 
 import errno
+import importlib
 import pickle
 import shutil
 
@@ -42,8 +43,6 @@ def workspace(tmp_path_factory):
 
 # (arguments with {root} for the workspace, text the one line must hold, exit status)
 CASES = {
-    "set-unclosed-bracket": (["train", "{root}/config.yaml", "--set", "optim.lr=[1"],
-                             "--set 'optim.lr=[1': the value is not valid YAML", 2),
     "lr-beyond-float32": (["train", "{root}/config.yaml", "--set", "optim.lr=1e39"], "beyond float32", 2),
     "dry-run-seq-len-past-context": (["train", "{root}/config.yaml", "--dry-run", "--set", "data.seq_len=1024"],
                                      "data.seq_len: 1024 exceeds model.max_position_embeddings 256", 2),
@@ -91,7 +90,8 @@ def test_user_errors_are_one_line(workspace, capsys, case):
     (["data", "inspect", "{root}/run", "--show", "-5"], "--show: must be 0 or more, got -5"),
     (["data", "prepare", "{root}/corpus.jsonl", "--tokenizer", "{root}/tokenizer.json", "--out", "{root}/x",
       "--workers", "-2"], "--workers: must be at least 1, got -2"),
-], ids=["show-negative", "workers-negative"])
+    (["train", "{root}/config.yaml", "--set", "optim.lr=[1"], "--set: 'optim.lr=[1': the value is not valid YAML"),
+], ids=["show-negative", "workers-negative", "set-unclosed-bracket"])
 def test_bad_option_values_are_usage_errors(workspace, capsys, argv, expected):
     with pytest.raises(SystemExit) as exit_:
         main([arg.format(root=workspace) for arg in argv])
@@ -100,21 +100,22 @@ def test_bad_option_values_are_usage_errors(workspace, capsys, argv, expected):
 
 def test_sample_passes_overwrite_on(workspace, monkeypatch):
     import mor.data.cli
+    import mor.data.sample
 
     calls = []
-    monkeypatch.setattr(mor.data.cli, "prepare_sample", lambda out, **kwargs: calls.append(kwargs) or {})
+    monkeypatch.setattr(mor.data.sample, "prepare_sample", lambda out, **kwargs: calls.append(kwargs) or {})
     monkeypatch.setattr(mor.data.cli, "_summary", lambda index: "")
     assert main(["data", "sample", "--out", str(workspace / "other-data"), "--overwrite"]) == 0
     assert calls == [{"overwrite": True}]
 
 
 def test_system_errors_name_the_path_and_the_fix(workspace, capsys, monkeypatch):
-    import mor.data.cli
+    prepare_module = importlib.import_module("mor.data.prepare")  # the package exports a function of that name
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(workspace / "out" / "train-00000.bin"))
 
-    monkeypatch.setattr(mor.data.cli, "prepare", full_disk)
+    monkeypatch.setattr(prepare_module, "prepare", full_disk)
     argv = ["data", "prepare", str(workspace / "corpus.jsonl"), "--tokenizer", str(workspace / "tokenizer.json"),
             "--out", str(workspace / "out")]
     assert main(argv) == 1
@@ -123,12 +124,12 @@ def test_system_errors_name_the_path_and_the_fix(workspace, capsys, monkeypatch)
 
 
 def test_bugs_are_one_line_and_debug_shows_the_traceback(workspace, capsys, monkeypatch):
-    import mor.data.cli
+    import mor.data.shards
 
     def bug(*args, **kwargs):
         raise KeyError("splits")
 
-    monkeypatch.setattr(mor.data.cli, "read_index", bug)
+    monkeypatch.setattr(mor.data.shards, "read_index", bug)
     argv = ["data", "inspect", str(workspace / "run")]
     assert main(argv) == 1
     assert capsys.readouterr().err == ("error: internal error (KeyError: 'splits'); this is a bug in mor: run again "
