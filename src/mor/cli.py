@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "mor.infer.cli",
     "mor.interop.cli",
     "mor.viz.cli",
+    "mor.serve.cli",
     "mor.quickstart",
 )
 

@@ -237,14 +237,15 @@ class Engine:
         return index
 
     def cancel(self, request_id: int) -> None:
-        """Stop a request: it frees its row and pages at the next step and reports "cancelled" (a request that has
-        already finished is left as it is)."""
+        """Stop a request: it frees its row and pages at the next step and reports "cancelled" (a request still
+        waiting for a row is dropped at once and reports nothing; one that has already finished is left as it is)."""
         request = self._requests.get(request_id)
         if request is None:
             return
         request.cancelled = True
         if request in self.scheduler.waiting:
             self.scheduler.waiting.remove(request)
+            del self._requests[request_id]  # never admitted, so no step reports (and forgets) it
         elif request.row >= 0:
             self.runner.finish([request.row])
 
