@@ -1,0 +1,104 @@
+"""The server's parts on their own: incremental text with stop strings, chat templates, Prometheus metrics."""
+
+import json
+
+import pytest
+
+pytest.importorskip("jinja2", reason="chat templates need the serve extra: pip install 'mor[serve]'")
+
+from serve_support import SPECIALS  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+
+from mor.serve.chat import ChatTemplateError, end_of_turn_token, load_chat_template  # noqa: E402
+from mor.serve.detokenize import Detokenizer  # noqa: E402
+from mor.serve.metrics import Histogram, Metrics, parse  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """Byte-level, one token per byte: "é" is two tokens."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {**{t: i for i, t in enumerate(SPECIALS)}, **{c: i + len(SPECIALS) for i, c in enumerate(alphabet)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(SPECIALS)
+    return backend
+
+
+def detokenizer(tokenizer, stop=()):
+    return Detokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), stop, {0})
+
+
+def test_text_waits_for_the_last_byte_of_a_character(tokenizer):
+    ids = tokenizer.encode("aé€b").ids
+    assert len(ids) == 7  # 1 + 2 + 3 + 1 bytes
+    text = detokenizer(tokenizer)
+    pieces = []
+    for token in ids:
+        assert text.feed([token]) == 1
+        pieces.append(text.take(final=False))
+    assert pieces == ["a", "", "é", "", "", "€", "b"]
+
+
+def test_an_unfinished_character_is_flushed_at_the_end_and_end_tokens_are_not_text(tokenizer):
+    text = detokenizer(tokenizer)
+    assert text.feed(tokenizer.encode("a€").ids[:2] + [0]) == 3
+    assert text.take(final=False) == "a" and text.take(final=True) == "\ufffd"
+
+
+def test_a_stop_string_across_tokens_cuts_the_text_and_counts_the_token_that_completed_it(tokenizer):
+    text = detokenizer(tokenizer, stop=["lo w", "zz"])
+    ids = tokenizer.encode("hello world").ids
+    assert text.feed(ids[:4]) == 4 and text.take(final=False) == "hel"  # "l" may begin "lo w": held back
+    assert text.feed(ids[4:6]) == 2 and text.take(final=False) == ""
+    assert text.feed(ids[6:]) == 1 and text.stopped  # the "w" completed it; the rest is not consumed
+    assert text.take(final=False) == "" and text.text == "hel"
+
+
+def test_held_back_text_goes_out_once_it_cannot_begin_a_stop_string(tokenizer):
+    text = detokenizer(tokenizer, stop=["abc"])
+    assert text.feed(tokenizer.encode("xab").ids) == 3 and text.take(final=False) == "x"
+    assert text.feed(tokenizer.encode("d").ids) == 1 and text.take(final=False) == "abd"
+    assert not text.stopped
+
+
+def test_chat_templates_come_from_the_jinja_file_or_the_tokenizer_config(tmp_path):
+    assert load_chat_template(tmp_path) is None and end_of_turn_token(tmp_path) is None
+    config = {"eos_token": {"content": "<|im_end|>"}, "bos_token": "<s>",
+              "chat_template": [{"name": "tool_use", "template": "tools"},
+                                {"name": "default", "template": "{{ bos_token }}{% for m in messages %}"
+                                 "{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"}]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    template = load_chat_template(tmp_path)
+    assert template.render([{"role": "user", "content": "hi"}]) == "<s>user: hi<|im_end|>"
+    assert end_of_turn_token(tmp_path) == "<|im_end|>"
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('start with a user turn') }}{% endif %}"
+        "{{ messages[0]['content'] }}{% if add_generation_prompt %} =>{% endif %}")
+    template = load_chat_template(tmp_path)  # the file wins over the config's entry
+    assert template.render([{"role": "user", "content": "hi"}]) == "hi =>"
+    with pytest.raises(ChatTemplateError, match="start with a user turn"):
+        template.render([{"role": "system", "content": "x"}])
+
+
+def test_metrics_render_prometheus_text_that_parses_back():
+    histogram = Histogram([0.1, 1.0])
+    for value in (0.05, 0.1, 0.5, 7.0):
+        histogram.observe(value)
+    assert histogram.lines("h") == ['h_bucket{le="0.1"} 2', 'h_bucket{le="1.0"} 3', 'h_bucket{le="+Inf"} 4',
+                                    "h_sum 7.65", "h_count 4"]
+    metrics = Metrics(kv_pages_total=64)
+    metrics.admitted(5)
+    metrics.generated([1, 2, 3, 2], now=100.0)
+    metrics.finish("length", arrival=99.0, first_token=99.5, tokens=4, now=101.0)
+    metrics.load(waiting=2, running=3, kv_pages_used=7)
+    assert metrics.tokens_per_second(now=105.0) == 0.4 and metrics.tokens_per_second(now=200.0) == 0
+    text = metrics.render()
+    assert "# TYPE mor_time_to_first_token_seconds histogram" in text
+    samples = parse(text)
+    assert samples['mor_requests_total{finish_reason="length"}'] == 1
+    assert samples["mor_recursion_depth_mean"] == 2.0 and samples['mor_generation_tokens_by_depth_total{depth="2"}'] == 2
+    assert (samples["mor_requests_waiting"], samples["mor_requests_running"], samples["mor_kv_pages_used"]) == (2, 3, 7)
+    assert samples['mor_time_to_first_token_seconds_bucket{le="0.5"}'] == 1
+    assert samples["mor_time_per_output_token_seconds_sum"] == 0.5  # 1.5 s for the 3 tokens after the first
