@@ -98,7 +98,8 @@ def test_metrics_render_prometheus_text_that_parses_back():
     assert "# TYPE mor_time_to_first_token_seconds histogram" in text
     samples = parse(text)
     assert samples['mor_requests_total{finish_reason="length"}'] == 1
-    assert samples["mor_recursion_depth_mean"] == 2.0 and samples['mor_generation_tokens_by_depth_total{depth="2"}'] == 2
+    assert samples["mor_recursion_depth_mean"] == 2.0
+    assert samples['mor_generation_tokens_by_depth_total{depth="2"}'] == 2
     assert (samples["mor_requests_waiting"], samples["mor_requests_running"], samples["mor_kv_pages_used"]) == (2, 3, 7)
     assert samples['mor_time_to_first_token_seconds_bucket{le="0.5"}'] == 1
     assert samples["mor_time_per_output_token_seconds_sum"] == 0.5  # 1.5 s for the 3 tokens after the first

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from mor.cli import add_device_argument, positive_int, resolve_device
 
@@ -49,10 +51,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
-    except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(f"mor serve needs {error.name}: pip install 'mor[serve]'") from None
+    missing = [name for name in ("starlette", "uvicorn", "pydantic", "jinja2") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(f"mor serve needs {', '.join(missing)}: pip install 'mor[serve]'")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    listener = listen(args.host, args.port)  # before loading: a port in use fails at once
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.checkpoint, args.tokenizer, device, args.dtype)
+    path = Path(args.checkpoint)
+    name = args.served_model_name or (path.stem if path.is_file() else path.resolve().name)
+    serve(model, tokenizer, name, listener, args, cuda_graphs=device.startswith("cuda") and not args.eager)
+    return 0
+
+
+def serve(model: Any, tokenizer: Any, name: str, listener: socket.socket, args: argparse.Namespace,
+          cuda_graphs: bool) -> None:
+    """Serve ``model`` (a ``MoRForCausalLM``) and ``tokenizer`` (a ``TextTokenizer``) on ``listener`` with the
+    options of ``mor serve`` in ``args`` until SIGTERM or Ctrl-C."""
+    import uvicorn
 
     from mor.infer.engine import Engine
     from mor.serve.app import ServedModel, build_app
@@ -60,28 +77,20 @@ def run_serve(args: argparse.Namespace) -> int:
     from mor.serve.metrics import Metrics
     from mor.serve.worker import EngineWorker
 
-    if args.max_queue < 0:
-        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
-    listener = _listen(args.host, args.port)  # before loading: a port in use fails at once
-    device = resolve_device(args.device)
-    model, tokenizer = load_model(args.checkpoint, args.tokenizer, device, args.dtype)
     folder = tokenizer.path.parent
     end_tokens = {tokenizer.eos_token_id}
     turn_end = end_of_turn_token(folder)
     if turn_end is not None and tokenizer.backend.token_to_id(turn_end) is not None:
         end_tokens.add(tokenizer.backend.token_to_id(turn_end))
-    cuda = device.startswith("cuda") and not args.eager
     engine = Engine(model, max_batch_slots=args.max_batch, max_seq_len=args.max_seq_len,
-                    extra_recursions=args.extra_recursions, cuda_graphs=cuda)
+                    extra_recursions=args.extra_recursions, cuda_graphs=cuda_graphs)
     metrics = Metrics(engine.cache.pool.num_pages)
     worker = EngineWorker(engine, sorted(end_tokens), args.max_queue, metrics)
-    path = Path(args.checkpoint)
-    served = ServedModel(args.served_model_name or (path.stem if path.is_file() else path.resolve().name), tokenizer,
-                         load_chat_template(folder), end_tokens)
+    served = ServedModel(name, tokenizer, load_chat_template(folder), end_tokens)
     app = build_app(served, worker, metrics)
     worker.start()  # prepares the engine: compiles and captures CUDA graphs on a GPU
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=args.drain_timeout)
-    print(f"mor serve: {served.name} on http://{args.host}:{listener.getsockname()[1]} (playground at /, "
+    print(f"mor serve: {name} on http://{args.host}:{listener.getsockname()[1]} (playground at /, "
           f"{engine.max_requests} rows, context {engine.max_seq_len}, "
           f"{'a chat template' if served.chat_template else 'no chat template'})", file=sys.stderr, flush=True)
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: make that one return, so
@@ -91,10 +100,9 @@ def run_serve(args: argparse.Namespace) -> int:
         uvicorn.Server(config).run(sockets=[listener])
     finally:
         worker.stop()
-    return 0
 
 
-def load_model(path: str, tokenizer: str | None, device: str, dtype: str):  # -> (MoRForCausalLM, TextTokenizer)
+def load_model(path: str, tokenizer: str | None, device: str, dtype: str) -> tuple[Any, Any]:
     """A mor checkpoint through ``load_checkpoint``; a Hugging Face Llama folder or a ``.gguf`` file through the
     Llama import, with the tokenizer beside it (or ``tokenizer``)."""
     from mor.data.tokenizer import load_tokenizer
@@ -116,7 +124,8 @@ def load_model(path: str, tokenizer: str | None, device: str, dtype: str):  # ->
     return model, load_tokenizer(tokenizer or folder)
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (port 0: a free one), or a one-line error naming the fix."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
