@@ -226,6 +226,7 @@ BAD_REQUESTS = [
      {"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
     ("chat past the context", "/v1/chat/completions",
      {"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("logprobs, which this server does not give", "/v1/completions", {**OK, "logprobs": 2}, 400, "logprobs"),
     ("an unknown endpoint", "/v1/embeddings", OK, 404, None),
 ]
 

@@ -2,7 +2,7 @@
 shape, and the response and stream-chunk bodies of completions and chat completions.
 
 Unknown fields are ignored (clients send fields this server does not use); a known field of the wrong type is a
-400. The MoR extensions are ordinary fields, which standard clients send through ``extra_body``: ``top_k``,
+400, and so is asking for what the server cannot give (log-probabilities, echo, tools). The MoR extensions are ordinary fields, which standard clients send through ``extra_body``: ``top_k``,
 ``max_recursions``, ``extra_recursions`` (test-time depth) and ``return_depths`` (each choice then carries the
 ``token_ids`` it generated and the recursion ``depths`` that produced them).
 """
@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "tools")  # refused rather than silently ignored
 
 
 class APIError(Exception):
@@ -96,6 +97,9 @@ def parse(model: type[_Request], raw: bytes) -> Any:
         raise APIError(400, f"the request body is not valid JSON ({error}); send a JSON object") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    for name in UNSUPPORTED:
+        if data.get(name):
+            raise APIError(400, f"'{name}' is not supported by this server; leave it out", name)
     try:
         return model.model_validate(data)
     except ValidationError as error:
