@@ -103,3 +103,24 @@ def test_metrics_render_prometheus_text_that_parses_back():
     assert (samples["mor_requests_waiting"], samples["mor_requests_running"], samples["mor_kv_pages_used"]) == (2, 3, 7)
     assert samples['mor_time_to_first_token_seconds_bucket{le="0.5"}'] == 1
     assert samples["mor_time_per_output_token_seconds_sum"] == 0.5  # 1.5 s for the 3 tokens after the first
+
+
+def test_a_hugging_face_llama_folder_or_gguf_is_served_through_the_llama_import(tmp_path, tokenizer):
+    pytest.importorskip("transformers", reason="the Llama reference needs the interop extra")
+    from test_interop import assert_same_logits, tiny_llama, tokens, write_gguf
+
+    from mor.serve.cli import load_model
+
+    hf = tiny_llama(vocab_size=320, eos_token_id=4)
+    hf.save_pretrained(tmp_path / "llama")
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        load_model(str(tmp_path / "llama"), None, "cpu", "auto")
+    tokenizer.save(str(tmp_path / "llama" / "tokenizer.json"))
+    model, text_tokenizer = load_model(str(tmp_path / "llama"), None, "cpu", "auto")
+    assert_same_logits(model, hf, tokens())
+    assert text_tokenizer.vocab_size == tokenizer.get_vocab_size()
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate", reason="transformers reads GGUF only with accelerate installed")
+    write_gguf(hf, tmp_path / "tiny.gguf")
+    model, _ = load_model(str(tmp_path / "tiny.gguf"), str(tmp_path / "llama"), "cpu", "auto")
+    assert_same_logits(model, hf, tokens())

@@ -120,8 +120,12 @@ def load_model(path: str, tokenizer: str | None, device: str, dtype: str) -> tup
     folder = source if source.is_dir() else source.parent
     if tokenizer is None and not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{folder} holds no tokenizer.json; pass the model's tokenizer with --tokenizer PATH")
+    text_tokenizer = load_tokenizer(tokenizer or folder)
     model = load_hf_llama(source, resolve_dtype(dtype, device)).to(device)
-    return model, load_tokenizer(tokenizer or folder)
+    if text_tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {text_tokenizer.path} has {text_tokenizer.vocab_size} tokens but the model's "
+                         f"vocabulary holds {model.config.vocab_size}; pass the tokenizer it was trained with")
+    return model, text_tokenizer
 
 
 def listen(host: str, port: int) -> socket.socket:

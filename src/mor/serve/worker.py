@@ -51,21 +51,23 @@ class Stream:
         self._worker = worker
         self._loop = loop
         self._outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._cancelled = False
+        self._ended = False  # read to the end, or cancelled
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         while True:
             output = await self._outputs.get()
             if isinstance(output, BaseException):
                 raise output
-            yield output
             if output.finish_reason is not None:
+                self._ended = True
+            yield output
+            if self._ended:
                 return
 
     def cancel(self) -> None:
         """Stop the request and free its row and pages; nothing happens once it has finished."""
-        if not self._cancelled:
-            self._cancelled = True
+        if not self._ended:
+            self._ended = True
             self._worker.cancel(self)
 
     def deliver(self, output: RequestOutput | BaseException) -> None:
