@@ -13,7 +13,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from mor.data.tokenizer import TextTokenizer
 from mor.infer.sampling import SamplingParams
 from mor.infer.streaming import depth_palette, text_colour
+from mor.model import MoRForCausalLM
 from mor.serve import protocol
 from mor.serve.chat import ChatTemplate, ChatTemplateError
 from mor.serve.detokenize import Detokenizer
@@ -83,13 +84,15 @@ class _Server:
     def __init__(self, served: ServedModel, worker: EngineWorker, metrics: Metrics) -> None:
         self.served, self.worker, self.metrics = served, worker, metrics
         self.engine = worker.engine
+        self.model = cast(MoRForCausalLM, self.engine.model)
+        self.context = cast(int, self.engine.max_seq_len)
 
     # ------------------------------------------------------------------ pages
     async def playground(self, request: Request) -> Response:
-        num_recursions = self.engine.model.config.num_recursions
+        num_recursions = self.model.config.num_recursions
         palette = depth_palette(num_recursions)
         config = {"model": self.served.name, "numRecursions": num_recursions, "palette": palette,
-                  "textColours": [text_colour(c) for c in palette], "maxTokens": self.engine.max_seq_len}
+                  "textColours": [text_colour(c) for c in palette], "maxTokens": self.context}
         page = resources.files("mor.serve").joinpath("playground.html").read_text(encoding="utf-8")
         return HTMLResponse(page.replace("__MOR_CONFIG__", json.dumps(config).replace("</", "<\\/")))
 
@@ -102,9 +105,9 @@ class _Server:
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def models(self, request: Request) -> Response:
-        config = self.engine.model.config
+        config = self.model.config
         card = {"id": self.served.name, "object": "model", "created": self.served.created, "owned_by": "mor",
-                "max_model_len": self.engine.max_seq_len, "num_recursions": config.num_recursions,
+                "max_model_len": self.context, "num_recursions": config.num_recursions,
                 "max_extra_recursions": self.engine.extra_recursions}
         return JSONResponse({"object": "list", "data": [card]})
 
@@ -136,7 +139,7 @@ class _Server:
         if not prompt:
             raise APIError(400, "the chat template made an empty prompt of these messages", "messages")
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = self.engine.max_seq_len - len(prompt) if limit is None else limit
+        max_tokens = self.context - len(prompt) if limit is None else limit
         return await self._generate(request, body, prompt, max_tokens, chat=True)
 
     def _check_model(self, body: SamplingRequest) -> None:
@@ -149,7 +152,7 @@ class _Server:
         if body.n not in (None, 1):
             raise APIError(400, "'n' must be 1: this server returns one choice per request; send several requests",
                            "n")
-        context = self.engine.max_seq_len
+        context = self.context
         if len(prompt) >= context:
             raise APIError(400, f"the prompt has {len(prompt)} tokens but the context holds {context}, with room "
                                 "for at least one new token; shorten it", "messages" if chat else "prompt")
@@ -171,7 +174,7 @@ class _Server:
                                 f"{self.engine.extra_recursions}; start it with --extra-recursions {extra}",
                            "extra_recursions")
         try:
-            self.engine.model.model.recursion_steps(body.max_recursions, extra or 0)
+            self.model.model.recursion_steps(body.max_recursions, extra or 0)
         except ValueError as error:
             raise APIError(400, str(error), "extra_recursions" if extra else "max_recursions") from None
         try:

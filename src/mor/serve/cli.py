@@ -26,21 +26,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                            "Hugging Face Llama folder, or a .gguf file")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
                                                             "machine only; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    parser.add_argument("--max-batch", type=positive_int, default=32,
+    parser.add_argument("--port", type=int, default=8000, metavar="N", help="port to listen on (default 8000)")
+    parser.add_argument("--max-batch", type=positive_int, default=32, metavar="N",
                         help="requests decoded together at most: the engine's rows and block slots (default 32)")
-    parser.add_argument("--max-queue", type=int, default=256,
+    parser.add_argument("--max-queue", type=int, default=256, metavar="N",
                         help="requests that may wait for a row; more are answered 429 with Retry-After (default 256)")
-    parser.add_argument("--max-seq-len", type=positive_int,
+    parser.add_argument("--max-seq-len", type=positive_int, metavar="N",
                         help="prompt + generated tokens per request at most (default: the model's context); the KV "
                              "page pool holds --max-batch requests of this length")
-    parser.add_argument("--extra-recursions", type=int, default=0,
+    parser.add_argument("--extra-recursions", type=int, default=0, metavar="N",
                         help="the most test-time recursions a request may ask for with extra_recursions (default 0)")
-    parser.add_argument("--served-model-name", help="the model name clients send (default: the checkpoint's "
-                                                    "folder or file name)")
-    parser.add_argument("--tokenizer", help="tokenizer.json or a folder holding one (and tokenizer_config.json with "
-                                            "a chat template); default: the checkpoint's")
-    parser.add_argument("--drain-timeout", type=float, default=30.0,
+    parser.add_argument("--served-model-name", metavar="NAME",
+                        help="the model name clients send (default: the checkpoint's folder or file name)")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="tokenizer.json or a folder holding one (and tokenizer_config.json with a chat "
+                             "template); default: the checkpoint's")
+    parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="seconds the requests in flight get to finish after SIGTERM (default 30)")
     parser.add_argument("--eager", action="store_true",
                         help="on CUDA, skip CUDA graphs and compilation: starts at once, decodes slower")
@@ -51,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    missing = [name for name in ("starlette", "uvicorn", "pydantic", "jinja2") if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("starlette", "uvicorn", "pydantic", "jinja2") if not importlib.util.find_spec(name)]
     if missing:
         raise ModuleNotFoundError(f"mor serve needs {', '.join(missing)}: pip install 'mor[serve]'")
     if args.max_queue < 0:

@@ -2,9 +2,10 @@
 shape, and the response and stream-chunk bodies of completions and chat completions.
 
 Unknown fields are ignored (clients send fields this server does not use); a known field of the wrong type is a
-400, and so is asking for what the server cannot give (log-probabilities, echo, tools). The MoR extensions are ordinary fields, which standard clients send through ``extra_body``: ``top_k``,
-``max_recursions``, ``extra_recursions`` (test-time depth) and ``return_depths`` (each choice then carries the
-``token_ids`` it generated and the recursion ``depths`` that produced them).
+400, and so is asking for what the server cannot give (log-probabilities, echo, tools). The MoR extensions are
+ordinary fields, which standard clients send through ``extra_body``: ``top_k``, ``max_recursions``,
+``extra_recursions`` (test-time depth) and ``return_depths`` (each choice then carries the ``token_ids`` it
+generated and the recursion ``depths`` that produced them).
 """
 
 from __future__ import annotations
