@@ -348,6 +348,11 @@ def run_study(runs: list[Run], settings: Settings, max_minutes: float | None) ->
                     continue
                 del running[name]
                 entry = collect(run, settings.out / "runs" / name)
+                if entry is None:  # it never reached training: a broken environment, not a result
+                    failed += 1
+                    print(f"{name} ended with status {process.returncode} before training; see its train.log",
+                          flush=True)
+                    continue
                 results["runs"][name] = entry
                 write_json_atomic(settings.results_path, results)
                 failed += entry["state"] == "failed"
@@ -450,9 +455,12 @@ def report(results: dict[str, Any], runs: list[Run], out_dir: Path) -> list[Path
                for r in runs}
     finished = [e for e in entries if e["state"] in FINISHED]
     compared = [a for a in ARCHS if a.group != "ordering"]
+    optional = {r.name for r in runs if r.budget in OPTIONAL_BUDGETS}
     lines = ["# isoFLOP study: results so far", "",
-             f"{len(finished)} of {len(runs)} runs of the grid have finished "
-             f"({sum(e['state'] == 'diverged' for e in finished)} diverged). NLL: final validation, the corpus "
+             f"{sum(e['name'] not in optional for e in finished)} of the grid's {len(runs) - len(optional)} runs have "
+             f"finished ({sum(e['state'] == 'diverged' for e in finished)} diverged), and "
+             f"{sum(e['name'] in optional for e in finished)} of the {len(optional)} optional ones at "
+             f"{', '.join(map(sci, OPTIONAL_BUDGETS))} FLOPs. NLL: final validation, the corpus "
              "validation split (top-k routing for MoR); WikiText-2: its validation text. '(edge)': the best LR is "
              "at an end of the sweep, so the optimum may lie beyond it.", "",
              "## Each model at its best learning rate", "",
