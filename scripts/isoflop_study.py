@@ -253,7 +253,7 @@ def work(run_dir: Path) -> int:
             start = time.perf_counter()  # wall time with imports, model building and compilation
             from mor.train import TrainingDiverged, load_config, train
 
-            config = load_config(job["config"], job["overrides"], steps=job["steps"])
+            config = load_config(REPO / job["config"], job["overrides"], steps=job["steps"])
             update(state="training")
             try:
                 result = train(config, resume="latest")
@@ -283,7 +283,7 @@ def evaluate_wikitext(run_dir: Path, job: dict[str, Any]) -> None:
                "--perplexity-rows", str(WIKITEXT_ROWS), "--seq-len", str(job["seq_len"]),
                "--batch-size", str(job["eval_batch_size"]), "--out", str(run_dir / WIKITEXT_FILE)]
     print("$", " ".join(command), flush=True)
-    code = subprocess.run(command).returncode
+    code = subprocess.run(command, cwd=REPO).returncode
     if code != 0:
         raise RuntimeError(f"mor eval of {checkpoint} exited with status {code}")
 
@@ -305,7 +305,9 @@ def run_study(runs: list[Run], settings: Settings, max_minutes: float | None) ->
         job = read_json(run_dir / JOB_FILE)
         if job is not None:
             check_same_spec(run.name, job["spec"], specs[run.name], run_dir)
-            results["runs"][run.name] = collect(run, run_dir)
+            collected = collect(run, run_dir)
+            if collected is not None:
+                results["runs"][run.name] = collected
         entry = results["runs"].get(run.name)
         if entry is not None:
             check_same_spec(run.name, entry["spec"], specs[run.name], settings.results_path)
@@ -355,9 +357,10 @@ def run_study(runs: list[Run], settings: Settings, max_minutes: float | None) ->
                     continue
                 results["runs"][name] = entry
                 write_json_atomic(settings.results_path, results)
-                failed += entry["state"] == "failed"
+                failed += entry["state"] == "failed" or (process.returncode != 0 and not stop)
                 done = sum(e["state"] in FINISHED for n, e in results["runs"].items() if n in specs)
-                print(f"[{done}/{len(runs)}] {describe(entry)}; {len(running)} running, {len(todo)} waiting, "
+                code = f" (exit status {process.returncode})" if process.returncode else ""
+                print(f"[{done}/{len(runs)}] {describe(entry)}{code}; {len(running)} running, {len(todo)} waiting, "
                       f"{(time.monotonic() - start) / 60:.1f} min", flush=True)
     finally:
         for sig, handler in previous.items():
@@ -371,21 +374,29 @@ def launch(run: Run, run_spec: dict[str, Any], settings: Settings) -> subprocess
     run_dir = settings.out / "runs" / run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     config = load(run_spec["config"], run_spec["overrides"], settings)
-    job = {"spec": run_spec, "config": str(REPO / run_spec["config"]), "steps": settings.steps,
-           "overrides": [*run_spec["overrides"], *settings.extra, f"data.path={Path(settings.data).resolve()}",
-                         f"run.out_dir={run_dir.resolve()}", "run.progress=false"],
-           "wikitext": str(Path(settings.wikitext).resolve()) if settings.wikitext else None,
+    # Paths relative to the repository, where the worker runs: the messages that reach the results JSON (a
+    # divergence names its last checkpoint) then name no folder of this machine.
+    job = {"spec": run_spec, "config": run_spec["config"], "steps": settings.steps,
+           "overrides": [*run_spec["overrides"], *settings.extra, f"data.path={from_repo(settings.data)}",
+                         f"run.out_dir={from_repo(run_dir)}", "run.progress=false"],
+           "wikitext": from_repo(settings.wikitext) if settings.wikitext else None,
            "seq_len": config.data.seq_len, "eval_batch_size": config.batch.micro_batch_size,
            "keep_checkpoints": settings.keep_checkpoints}
     write_json_atomic(run_dir / JOB_FILE, job)
     env = dict(os.environ)
     # The runs share the machine's cores (compilation, data loading): one share each instead of all each.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // settings.parallel)))
+    share = str(max(1, (os.cpu_count() or 1) // settings.parallel))
+    env.setdefault("OMP_NUM_THREADS", share)
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", share)
     log = open(run_dir / "train.log", "a")
     print(f"start {run.name}: {run_spec['steps']} steps; log {run_dir / 'train.log'}", flush=True)
     # A session of its own: a Ctrl-C in the terminal reaches the study, which forwards it once to each run.
     return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(run_dir)], cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def from_repo(path: str | Path) -> str:
+    return os.path.relpath(Path(path).resolve(), REPO)
 
 
 def describe(entry: dict[str, Any]) -> str:

@@ -217,7 +217,7 @@ def test_results_json_is_replaced_atomically(tmp_path):
 class Exited:
     """A worker process that has already ended."""
 
-    pid = 0
+    returncode = 0
 
     def poll(self) -> int:
         return 0
@@ -298,12 +298,12 @@ def test_a_failed_evaluation_is_retried_without_training_again(tmp_path, monkeyp
     trained = []
     monkeypatch.setattr(mor.train, "train", lambda config, resume: trained.append(1) or TrainResult(4, 4, 1.0))
     run_dir = worker_dir(tmp_path, wikitext=str(tmp_path / "missing.txt"))
-    monkeypatch.setattr(study.subprocess, "run", lambda command: subprocess.CompletedProcess(command, 2))
+    monkeypatch.setattr(study.subprocess, "run", lambda command, cwd: subprocess.CompletedProcess(command, 2))
     assert study.work(run_dir) == 1
     status = json.loads((run_dir / study.STATUS_FILE).read_text())
     assert status["state"] == "failed" and "mor eval" in status["error"] and status["trained"]
 
-    def evaluates(command):
+    def evaluates(command, cwd):
         Path(command[command.index("--out") + 1]).write_text(json.dumps({"results": []}))
         return subprocess.CompletedProcess(command, 0)
 
