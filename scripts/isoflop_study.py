@@ -6,7 +6,7 @@ best learning rate; two controls separate routing from the gated update and from
 that MoR gets at equal FLOPs; the paper's other orderings run at one budget. docs/results.md describes it.
 
     python scripts/isoflop_study.py --list                     # the grid, what has finished, what is left
-    python scripts/isoflop_study.py --parallel 4 --max-minutes 6 --wikitext DATA/eval/wikitext2-valid.txt
+    python scripts/isoflop_study.py --parallel 4 --max-minutes 3 --wikitext DATA/eval/wikitext2-valid.txt
     python scripts/isoflop_study.py --report                   # tables and plots from whatever has finished
 
 A finished run is skipped and an interrupted one resumes from its last checkpoint, so the same command can be
@@ -30,9 +30,13 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mor.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,10 +115,10 @@ def grid() -> list[Run]:
     return [Run(a, budget, lr) for group, budget in PLAN for lr in LRS for a in ARCHS if a.group == group]
 
 
-def select(runs: list[Run], only: list[str] = (), budgets: list[float] = (), lrs: list[float] = (),
-           groups: list[str] = ()) -> list[Run]:
+def select(runs: list[Run], only: Sequence[str] = (), budgets: Sequence[float] = (), lrs: Sequence[float] = (),
+           groups: Sequence[str] = ()) -> list[Run]:
     """The runs that every given filter admits; optional budgets only when ``budgets`` names them."""
-    def close(x: float, values: list[float]) -> bool:
+    def close(x: float, values: Sequence[float]) -> bool:
         return any(math.isclose(x, v, rel_tol=1e-9) for v in values)
 
     chosen = [r for r in runs
@@ -144,7 +148,7 @@ class Settings:
         return self.results or self.out / "results.json"
 
 
-def load(config: str, overrides: list[str], settings: Settings):
+def load(config: str, overrides: list[str], settings: Settings) -> TrainConfig:
     from mor.train.config import load_config
 
     return load_config(REPO / config, [*overrides, *settings.extra], steps=settings.steps)
@@ -216,7 +220,9 @@ def collect(run: Run, run_dir: Path) -> dict[str, Any] | None:
         "steps": info.get("steps"), "tokens": info.get("tokens"), "forward_flops": info.get("forward_flops"),
         "forward_flops_per_token": info.get("forward_flops_per_token"),
         "non_embedding_parameters": info.get("non_embedding_parameters"),
-        "step_reached": train[-1]["step"] if train else 0,
+        # The stop signal's checkpoint comes after the last logged step.
+        "step_reached": max([train[-1]["step"] if train else 0,
+                             *(int(c.name.removeprefix("step_")) for c in run_dir.glob("checkpoints/step_*"))]),
         "val_nll": last_val.get(key), "val_nll_causal": last_val.get("val/nll_causal"),
         "best_val_nll": min((r[key] for r in val), default=None),
         "val_curve": [[r["step"], r[key]] for r in val],
@@ -388,11 +394,11 @@ def launch(run: Run, run_spec: dict[str, Any], settings: Settings) -> subprocess
     share = str(max(1, (os.cpu_count() or 1) // settings.parallel))
     env.setdefault("OMP_NUM_THREADS", share)
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", share)
-    log = open(run_dir / "train.log", "a")
     print(f"start {run.name}: {run_spec['steps']} steps; log {run_dir / 'train.log'}", flush=True)
-    # A session of its own: a Ctrl-C in the terminal reaches the study, which forwards it once to each run.
-    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(run_dir)], cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with open(run_dir / "train.log", "a") as log:  # the worker keeps its own copy of the file
+        # A session of its own: a Ctrl-C in the terminal reaches the study, which forwards it once to each run.
+        return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(run_dir)], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def from_repo(path: str | Path) -> str:
