@@ -483,17 +483,19 @@ def report(results: dict[str, Any], runs: list[Run], out_dir: Path) -> list[Path
              "## Each model at its best learning rate", "",
              "| budget | model | best LR | LRs finished | val NLL | val NLL (causal) | WikiText-2 NLL | steps | tokens "
              "| FLOPs |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    def best_lr(e: dict[str, Any]) -> str:
+        lrs = planned[(e["arch"], e["budget"])]
+        return sci(e["lr"]) + (" (edge)" if e["lr"] in (min(lrs), max(lrs)) else "")
+
     for budget in BUDGETS:
         for a in compared:
             e = best.get((a.name, budget))
             if e is None:
                 continue
-            lrs = planned[(a.name, budget)]
-            edge = " (edge)" if e["lr"] in (min(lrs), max(lrs)) else ""
             done = sum(x["arch"] == a.name and x["budget"] == budget for x in finished)
-            lines.append(f"| {sci(budget)} | {a.name} | {sci(e['lr'])}{edge} | {done}/{len(lrs)} | "
+            lines.append(f"| {sci(budget)} | {a.name} | {best_lr(e)} | {done}/{len(planned[(a.name, budget)])} | "
                          f"{fmt(e['val_nll'])} | {fmt(e['val_nll_causal'])} | {fmt(e['wikitext2_nll'])} | "
-                         f"{e['steps']} | {e['tokens'] / 1e6:.1f}M | {e['forward_flops']:.3g} |")
+                         f"{e['steps']} | {e['tokens'] / 1e6:.1f}M | {e['forward_flops']:.3g} |".replace("e+", "e"))
     for budget in BUDGETS:
         archs = [a for a in ARCHS if (a.name, budget) in planned and any(
             e["arch"] == a.name and e["budget"] == budget for e in finished)]
@@ -514,7 +516,7 @@ def report(results: dict[str, Any], runs: list[Run], out_dir: Path) -> list[Path
         lines += ["", f"## The paper's orderings at {sci(ORDERING_BUDGET)} FLOPs, each at its best LR", "",
                   "| model | what | best LR | val NLL | val NLL (causal) | WikiText-2 NLL | routers (last logged step) |",
                   "|---|---|---|---:|---:|---:|---|"]
-        lines += [f"| {a.name} | {a.what} | {sci(e['lr'])} | {fmt(e['val_nll'])} | {fmt(e['val_nll_causal'])} | "
+        lines += [f"| {a.name} | {a.what} | {best_lr(e)} | {fmt(e['val_nll'])} | {fmt(e['val_nll_causal'])} | "
                   f"{fmt(e['wikitext2_nll'])} | {router_summary(e['router'])} |" for a, e in rows]
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "report.md"]
@@ -546,7 +548,7 @@ def plot_nll_vs_lr(entries: list[dict[str, Any]], archs: list[Arch], budget: flo
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, points in lines.items():
         if points:
-            ax.plot(*zip(*points), marker="o", label=name)
+            ax.plot(*zip(*points), marker="o", label=name, linestyle="--" if arch(name).group == "control" else "-")
     ax.set(xscale="log", xlabel="peak learning rate", ylabel="validation NLL (corpus)",
            title=f"NLL against learning rate at {sci(budget)} forward FLOPs (diverged runs not drawn)")
     ax.grid(alpha=0.3)
@@ -568,7 +570,7 @@ def plot_nll_vs_flops(best: dict[tuple[str, float], dict[str, Any]], archs: list
             points = sorted((e["forward_flops"], e[key]) for (name, _), e in best.items()
                             if name == a.name and e[key] is not None)
             if points:
-                ax.plot(*zip(*points), marker="o", label=a.name)
+                ax.plot(*zip(*points), marker="o", label=a.name, linestyle="--" if a.group == "control" else "-")
         ax.set(xscale="log", xlabel="forward FLOPs (the paper's count)", ylabel=label,
                title=f"{label} at each model's best LR")
         ax.grid(alpha=0.3)

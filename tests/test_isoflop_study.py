@@ -349,6 +349,7 @@ def test_the_report_picks_each_model_at_its_best_lr(tmp_path):
     assert "| 1e15 | mor-expert-3 | 6e-3 (edge) | 4/4 | 4.000 | 4.010 | 5.000 |" in text
     assert "| 3e15 | recursive-3 | 7.5e-4 (edge) | 3/4 | 4.200 |" in text
     assert "| vanilla | 4.600 | **4.500** | 4.600 | diverged |" in text
+    assert "| 1e15 | vanilla-steps | 1.5e-3 | 4/4 | 4.400 | – | 5.400 | 100 | 6.6M | 1.4e15 |" in text
     assert "| mor-expert-2 | MoR, expert-choice, Nr=2 | 3e-3 | 3.900 | 3.910 | 4.900 | sampling accuracy " \
            "100.0 / 97.1 / 94.8%, dead tokens 0.0% |" in text
     assert "47 of the grid's 72 runs have finished (1 diverged), and 0 of the 12 optional ones at 1e16" in text
