@@ -103,6 +103,8 @@ def test_an_empty_context_is_refused_with_a_reason():
 def test_routing_modes():
     assert routing_modes(tiny_model("vanilla")) == [None]
     assert routing_modes(tiny_model("expert")) == ["topk", "causal"]
-    assert routing_modes(tiny_model("token"), "causal") == ["causal"]
+    assert routing_modes(tiny_model("expert"), "causal") == ["causal"]
+    assert routing_modes(tiny_model("token"), "causal") == [None]  # its forward is the same in both modes
+    assert routing_modes(CountingLM()) == [None]  # not a mor model (mor eval --transformers)
     with pytest.raises(ValueError, match="routing must be"):
         routing_modes(tiny_model("expert"), "greedy")

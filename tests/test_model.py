@@ -235,6 +235,17 @@ def test_eval_defaults_to_causal_and_train_to_topk():
         torch.testing.assert_close(model(ids).logits, model(ids, routing="topk").logits)
 
 
+@pytest.mark.parametrize("variant", sorted(ALL_VARIANTS))
+def test_routing_modes_are_the_modes_whose_forward_differs(variant):
+    # MoRConfig.routing_modes: what evaluation (mor eval, mor viz, training validation) runs a model in.
+    model = make(**ALL_VARIANTS[variant])
+    ids = tokens(4, 24)
+    with torch.no_grad():
+        topk, causal = model(ids, routing="topk"), model(ids, routing="causal")
+    differ = not torch.equal(topk.depths, causal.depths) or not torch.equal(topk.logits, causal.logits)
+    assert model.config.routing_modes == (("topk", "causal") if differ else (None,))
+
+
 @pytest.mark.parametrize("variant", sorted(MOR_VARIANTS))
 def test_training_gradients_reach_every_router_and_shared_weight(variant):
     model = make(**MOR_VARIANTS[variant]).train()

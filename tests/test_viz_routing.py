@@ -15,7 +15,7 @@ from mor import MoRConfig, MoRForCausalLM  # noqa: E402
 from mor.data import load_tokenizer, sample_tokenizer_path  # noqa: E402
 from mor.viz import depth_tokens, metrics  # noqa: E402
 from mor.viz.depth_text import DepthSection, depth_html, depth_png, token_pieces  # noqa: E402
-from mor.viz.report import depth_text_report, routing_modes, routing_stats_report  # noqa: E402
+from mor.viz.report import depth_text_report, routing_stats_report  # noqa: E402
 from mor.viz.trace import depth_scaling, trace  # noqa: E402
 
 VOCAB = 256
@@ -147,14 +147,6 @@ def test_depth_scaling_refuses_models_that_cannot_cap_depth():
         depth_scaling(model, rows())
 
 
-def test_routing_modes():
-    assert routing_modes(make(router="expert")) == ["topk", "causal"]
-    assert routing_modes(make(router="expert"), "causal") == ["causal"]
-    assert routing_modes(make(router="token")) == [None]
-    with pytest.raises(ValueError, match="routing"):
-        routing_modes(make(router="expert"), "greedy")
-
-
 # ---------------------------------------------------------------------------------------------- depth text
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -189,7 +181,7 @@ def test_depth_html_marks_every_token_with_its_depth(tokenizer):
 
 def test_depth_text_report_writes_html_png_and_json(tokenizer, tmp_path):
     model = make(router="expert", vocab_size=tokenizer.vocab_size)
-    depths = depth_text_report(model, tokenizer, TEXT, tmp_path, routing_modes(model))
+    depths = depth_text_report(model, tokenizer, TEXT, tmp_path, list(model.config.routing_modes))
     assert set(depths) == {"topk", "causal"}
     saved = json.loads((tmp_path / "depth.json").read_text())
     assert saved["depths"] == depths and "".join(saved["pieces"]) == TEXT
@@ -215,7 +207,7 @@ def test_depth_png_wraps_long_text(tmp_path):
 def test_routing_stats_report(router, tokenizer, tmp_path):
     model = make(router=router)
     ids = rows(n=3, seq_len=32)
-    results = routing_stats_report(model, tokenizer, ids, tmp_path, routing_modes(model), top=5, batch_size=2,
+    results = routing_stats_report(model, tokenizer, ids, tmp_path, list(model.config.routing_modes), top=5, batch_size=2,
                                    progress=False)
     names = ["topk", "causal"] if router == "expert" else ["default"]
     assert list(results["modes"]) == names

@@ -16,8 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="perplexity and zero/few-shot accuracy of a checkpoint",
         description="Evaluate a checkpoint: validation NLL/perplexity over packed rows of held-out text and "
-                    "zero/few-shot tasks with the paper's metrics. Routed MoR models are scored in both routing "
-                    "modes unless --routing says otherwise.")
+                    "zero/few-shot tasks with the paper's metrics. Expert-choice MoR models are scored in both "
+                    "routing modes unless --routing says otherwise.")
     parser.add_argument("checkpoint", help="directory written by save_pretrained (config.json + model.safetensors); "
                                            "with --transformers, a Hugging Face folder or a .gguf file")
     parser.add_argument("--tasks", default="", help=f"comma-separated tasks or groups 'paper', 'all'; tasks: "
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws (default 1234)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
     parser.add_argument("--routing", choices=("both", "topk", "causal"), default="both",
-                        help="routing modes of a routed model: 'topk' is the paper's per-sequence selection, "
+                        help="routing modes of an expert-choice model: 'topk' is the paper's per-sequence selection, "
                              "'causal' the per-token decisions used in decoding (default both)")
     parser.add_argument("--perplexity", action="append", default=[], metavar="SOURCE",
                         help="held-out text for NLL/perplexity: a .txt file (one document), .jsonl[.xz|.gz] "

@@ -17,6 +17,8 @@ import torch
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from mor.config import ROUTING_MODES, MoRConfig
+
 logger = logging.getLogger(__name__)
 
 TokenRequest = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
@@ -113,13 +115,13 @@ def loglikelihoods(
 
 
 def routing_modes(model: torch.nn.Module, requested: str = "both") -> list[str | None]:
-    """The routing modes to evaluate: both for a routed MoR model (``"topk"`` is the paper's per-sequence
-    selection, ``"causal"`` the per-token decisions used in decoding); ``[None]`` for a model without router."""
-    if requested not in ("both", "topk", "causal"):
+    """The routing modes to evaluate ``model`` in: its config's :attr:`~mor.config.MoRConfig.routing_modes`, or
+    only ``requested`` ("topk" or "causal") where the mode matters; ``[None]`` for a model that is not a mor model."""
+    if requested not in ("both", *ROUTING_MODES):
         raise ValueError(f"routing must be 'both', 'topk' or 'causal', got {requested!r}")
-    if getattr(getattr(model, "config", None), "router", "none") == "none":
-        return [None]
-    return ["topk", "causal"] if requested == "both" else [requested]
+    config = getattr(model, "config", None)
+    modes = list(config.routing_modes) if isinstance(config, MoRConfig) else [None]
+    return modes if requested == "both" or modes == [None] else [requested]
 
 
 def pad_token_id(model: torch.nn.Module) -> int:

@@ -81,7 +81,7 @@ class MoRModel(nn.Module):
         """Unrolled positions of each recursion step a forward runs: all trained steps, the first
         ``max_recursions`` of them, or ``extra_recursions`` more (test-time depth). A block that is not applied
         as a whole per step (sequence sharing) has one step, which ``max_recursions`` does not cut."""
-        cycles = self.config.sharing in ("cycle", "middle_cycle")
+        cycles = self.config.is_cycle
         if max_recursions is not None and max_recursions < 1:
             raise ValueError(f"max_recursions must be at least 1, got {max_recursions}")
         if extra_recursions:
@@ -143,8 +143,7 @@ class MoRModel(nn.Module):
             for step in steps:
                 for position in step:
                     hidden = self._run(position, hidden, rope, mask, layout, kvs, cache)
-            cycles = self.config.sharing in ("none", "cycle", "middle_cycle")
-            depth = len(steps) if cycles else self.config.num_recursions
+            depth = len(steps) * self.config.depth_per_step
             depths = torch.full((batch, seq_len), depth, dtype=torch.long, device=input_ids.device)
             if layout.valid is not None:
                 depths = depths.masked_fill(~layout.valid, 0)

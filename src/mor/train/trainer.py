@@ -258,7 +258,8 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Mean token NLL on the first ``eval_batches x micro_batch_size`` rows of the validation split (the same
-        rows at every evaluation); MoR models in both routing modes, "topk" (the paper's numbers) and "causal"."""
+        rows at every evaluation) in each of the model's routing modes (MoRConfig.routing_modes): expert-choice
+        models in "topk" (the paper's numbers) and "causal"."""
         if self.val_shards is None:
             return {}
         data, micro, world = self.config.data, self.config.batch.micro_batch_size, self.env.world_size
@@ -268,10 +269,9 @@ class Trainer:
         if rows == 0:
             raise ValueError(f"the validation split of {data.path} has fewer than {world} rows of {data.seq_len} "
                              "tokens; set data.val_split: null or prepare more validation data")
-        modes = ["topk", "causal"] if self.model_config.router != "none" else [None]
         results = {}
         self.model.eval()
-        for mode in modes:
+        for mode in self.model_config.routing_modes:
             nll = torch.zeros(2, device=self.env.device, dtype=torch.float64)
             for batch in sequential_batches(self.val_shards, data.seq_len, micro, max_rows=rows, rank=self.env.rank,
                                             world_size=world, document_masking=data.document_masking,

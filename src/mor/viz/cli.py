@@ -129,7 +129,8 @@ def _load(args: argparse.Namespace):
 
 @_handler
 def run_depth(args: argparse.Namespace) -> int:
-    from mor.viz.report import depth_text_report, routing_modes
+    from mor.eval.scoring import routing_modes
+    from mor.viz.report import depth_text_report
 
     text = args.text if args.text is not None else args.text_file.read_text(encoding="utf-8")
     model, tokenizer = _load(args)
@@ -145,8 +146,8 @@ def run_stats(args: argparse.Namespace) -> int:
     import torch
 
     from mor.eval.perplexity import source_rows
-    from mor.viz.report import routing_modes, routing_stats_report
-    from mor.viz.trace import can_cap_depth
+    from mor.eval.scoring import routing_modes
+    from mor.viz.report import routing_stats_report
 
     for name in ("rows", "seq_len", "batch_size", "top"):
         value = getattr(args, name)
@@ -162,7 +163,7 @@ def run_stats(args: argparse.Namespace) -> int:
         return _fail(f"{args.data} holds fewer than {seq_len} tokens; give more text or a smaller --seq-len")
     if len(rows) < args.rows:
         print(f"{args.data} yields only {len(rows)} rows of {seq_len} tokens", file=sys.stderr)
-    if not args.no_scaling and not can_cap_depth(model.config):
+    if not args.no_scaling and not model.config.is_cycle:
         print("depth scaling skipped: the model's depth cannot be capped (no cycle sharing)", file=sys.stderr)
     results = routing_stats_report(model, tokenizer, torch.tensor(rows), args.out,
                                    routing_modes(model, args.routing), top=args.top, batch_size=args.batch_size,

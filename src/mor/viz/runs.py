@@ -1,8 +1,8 @@
 """Training runs: read run directories and plot loss curves and NLL against training FLOPs.
 
 A run directory (written by ``mor train``) holds ``metrics.jsonl``, one JSON object per logged step with at least
-``step`` and usually ``tokens``, ``loss``, ``lm_loss``, ``lr`` and, at validation, ``val/nll`` (models without
-router) or ``val/nll_topk`` and ``val/nll_causal``; ``model_config.json`` and ``config.yaml`` give the model and
+``step`` and usually ``tokens``, ``loss``, ``lm_loss``, ``lr`` and, at validation, ``val/nll`` (or, for
+expert-choice models, ``val/nll_topk`` and ``val/nll_causal``); ``model_config.json`` and ``config.yaml`` give the model and
 sequence length for the FLOP count. Any key may be missing: what is absent is simply not drawn. Keys are read
 with ``/`` or ``_`` alike (``val/nll_causal`` = ``val_nll_causal``).
 """
