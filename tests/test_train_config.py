@@ -139,7 +139,7 @@ def test_flop_budget_converts_to_tokens_then_steps():
                                       batch={"micro_batch_size": 4, "grad_accum": 3}))
     budget = resolve_budget(config, config.model_config(), world_size=2)
     assert budget.tokens_per_step == 4 * 3 * 2 * 64
-    from mor.flops import forward_flops_per_token
+    from mor.model.flops import forward_flops_per_token
     per_token = forward_flops_per_token(config.model_config(), seq_len=64)
     assert budget.steps == math.ceil(1e12 / per_token / budget.tokens_per_step)
     assert budget.flops >= 1e12 > budget.flops - budget.tokens_per_step * per_token

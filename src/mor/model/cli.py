@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mor.flops import forward_flops_per_token, tokens_for_budget
+    from mor.model.flops import forward_flops_per_token, tokens_for_budget
     from mor.model import MoRForCausalLM
 
     overrides = dict(parse_assignment(pair) for pair in args.overrides)

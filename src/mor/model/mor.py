@@ -348,10 +348,12 @@ class MoRForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> "GenerationOutput":
-        """Decode with KV caches and causal routing; arguments and result as :func:`mor.infer.generate.generate`
-        (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
-        ``stop_strings`` + ``tokenizer``, ``seed``, ``streamer``, ``max_recursions``, ``extra_recursions``)."""
-        from mor.infer.generate import generate  # inference builds on the model, not the other way round
+        """``mor.infer.generate.generate(self, ...)``, the familiar ``model.generate()``: decode with KV caches and
+        causal routing. Arguments and result as :func:`mor.infer.generate.generate` (``max_new_tokens``,
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``stop_strings`` + ``tokenizer``,
+        ``seed``, ``streamer``, ``max_recursions``, ``extra_recursions``). Decoding lives in :mod:`mor.infer`, which
+        builds on the model; this delegation is the model's only reference to it, imported when called."""
+        from mor.infer.generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
 

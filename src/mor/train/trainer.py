@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from mor import MoRForCausalLM
 from mor.config import MoRConfig
 from mor.data import PackedBatches, TokenShards, sequential_batches
-from mor.flops import training_flops_per_token
+from mor.model.flops import training_flops_per_token
 from mor.outputs import FolderLock, OutputError
 from mor.train import distributed
 from mor.train.budget import Budget, resolve_budget
