@@ -184,6 +184,14 @@ def test_run_directory_records_everything(finished):
     assert tokenizer.read_bytes() == (Path(config.data.path) / "tokenizer.json").read_bytes()
 
 
+def test_training_checkpoints_and_save_pretrained_write_the_same_files(finished, tmp_path):
+    # One writer of the format (mor.model.io): re-saving a checkpoint's model gives byte-identical files.
+    _, checkpoint = finished
+    MoRForCausalLM.from_pretrained(checkpoint).save_pretrained(tmp_path / "saved")
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "saved" / name).read_bytes() == (checkpoint / name).read_bytes(), name
+
+
 def test_init_from_starts_from_a_saved_model(data, tmp_path):
     source = MoRForCausalLM(tiny_config(data, tmp_path / "unused").model_config())
     source.save_pretrained(tmp_path / "start")

@@ -25,6 +25,7 @@ EXPERT_SAMPLING = ("aux_loss", "aux_router")
 BALANCING = ("loss", "loss_free", "none")
 TOKEN_GATING = ("exit", "every")
 ROUTING_MODES = ("topk", "causal")
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtypes that weights are loaded or written in
 # Up-training a vanilla model into a recursive one (mor.interop.recursive): the sharing strategies it supports
 # and which original layers initialise the shared block.
 RECURSIVE_SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")

@@ -67,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from mor.eval.checkpoint import load_checkpoint
+    from mor.pretrained import load_model_and_tokenizer
     from mor.eval.perplexity import evaluate_perplexity, source_rows
     from mor.eval.results import Metric, markdown_table, write_json
     from mor.eval.scoring import routing_modes
@@ -89,7 +89,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.out:
             writable_file(args.out, "--out")
         tasks = resolve_tasks(args.tasks) if args.tasks else []
-        model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, resolve_device(args.device), args.dtype,
+        model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.tokenizer, resolve_device(args.device), args.dtype,
                                            backend="transformers" if args.transformers else "mor", verify=args.verify)
         context = model.config.max_position_embeddings
         for name in ("seq_len", "max_length"):

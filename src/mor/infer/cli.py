@@ -43,12 +43,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from mor.eval.checkpoint import load_checkpoint
+    from mor.pretrained import load_model_and_tokenizer
     from mor.infer.generate import generate
     from mor.infer.streaming import TextStreamer, depth_legend
 
     try:
-        model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, resolve_device(args.device), args.dtype,
+        model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.tokenizer, resolve_device(args.device), args.dtype,
                                            verify=args.verify)
         prompt = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_token_id]
         streamer = TextStreamer(tokenizer, color_depth=args.color_depth, stop_token_ids={tokenizer.eos_token_id},

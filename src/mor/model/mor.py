@@ -11,7 +11,6 @@ keys/values that the first application of the same layer computed for every toke
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -21,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mor.config import ROUTING_MODES, MoRConfig
-from mor.integrity import CheckpointError, save_safetensors, verify_manifest, weight_problem
+from mor.integrity import verify_manifest
+from mor.model import io
 from mor.model.kv_cache import KVCache
 from mor.model.layers import KV, DecoderLayer, RMSNorm, RotaryEmbedding, TokenLayout, allowed_attention
 from mor.model.routing import ExpertChoice, RoutingResult, Selection, TokenChoice, pack
@@ -29,9 +29,6 @@ from mor.model.sharing import LayerPlan, layer_plan
 
 if TYPE_CHECKING:
     from mor.infer.generate import GenerationOutput
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
@@ -372,16 +369,10 @@ class MoRForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (tied tensors stored once)."""
+        """Write ``config.json`` and ``model.safetensors`` (tied tensors stored once; see :mod:`mor.model.io`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_safetensors(state, tmp, metadata={"format": "pt"})
-        tmp.replace(directory / WEIGHTS_NAME)
-        self.config.save(directory / CONFIG_NAME)
+        io.save_model_files(directory, self.config, self.state_dict(), io.tied_parameter_names(self))
 
     @classmethod
     def from_pretrained(
@@ -391,47 +382,12 @@ class MoRForCausalLM(nn.Module):
         """Load a ``save_pretrained`` folder (or a training checkpoint). When the folder has a ``manifest.json``,
         the files are first checked against its checksums; ``verify=False`` skips that (it reads every byte once
         more, which takes a while for very large files). Weights holding NaN or infinities are refused."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: a checkpoint directory holds {CONFIG_NAME} and "
-                                        f"{WEIGHTS_NAME} (written by save_pretrained)")
+        io.require_model_files(directory)
         if verify:
-            verify_manifest(directory, (CONFIG_NAME, WEIGHTS_NAME))
-        try:
-            config = MoRConfig.load(config_path)
-        except (json.JSONDecodeError, TypeError) as error:
-            raise ValueError(f"{config_path} is not a valid mor config: {error}") from error
-        try:
-            state = load_file(str(weights_path), device=str(map_location))
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{weights_path} is unreadable or truncated: {error}") from error
-        model = cls(config)
-        expected = model.state_dict()
-        if config.tie_word_embeddings:
-            expected.pop("lm_head.weight")
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-        if missing or unexpected or wrong:
-            details = []
-            if missing:
-                details.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-            if unexpected:
-                details.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-            if wrong:
-                details.append("shape mismatch " + ", ".join(
-                    f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5]))
-            raise ValueError(f"{weights_path} does not match {config_path}: " + "; ".join(details))
-        problem = weight_problem(state)
-        if problem is not None:
-            raise CheckpointError(f"{weights_path}: {problem}; the checkpoint is unusable (a diverged run, or "
-                                  "corrupt bytes): use an earlier checkpoint")
-        model.load_state_dict(state, strict=False)
+            verify_manifest(directory, (io.CONFIG_FILE, io.WEIGHTS_FILE))
+        model = cls(io.load_config(directory))
+        model.load_state_dict(io.load_weights(directory, model, map_location))
         model.to(map_location)
         if dtype is not None:
             model.to(dtype)

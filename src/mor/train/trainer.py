@@ -31,7 +31,7 @@ from mor.outputs import FolderLock, OutputError
 from mor.train import distributed
 from mor.train.budget import Budget, resolve_budget
 from mor.train.checkpoint import (BadWeightsError, CheckpointError, last_good_checkpoint, latest_checkpoint,
-                                  list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                                  list_checkpoints, restore_checkpoint, rng_state, save_checkpoint,
                                   set_aside_later_checkpoints, set_rng_state)
 from mor.train.config import ConfigError, TrainConfig
 from mor.train.optim import build_optimizer, clip_gradients
@@ -122,7 +122,7 @@ class Trainer:
         # the checkpoint supplies the optimizer moments and the position in the schedule, nothing else.
         configured = [{k: g[k] for k in ("initial_lr", "weight_decay", "betas", "eps")}
                       for g in self.optimizer.param_groups]
-        state, rank_state = load_checkpoint(path, self.model, self.optimizer, self.model_config)
+        state, rank_state = restore_checkpoint(path, self.model, self.optimizer, self.model_config)
         if state["tokens_per_step"] != self.budget.tokens_per_step:
             raise CheckpointError(f"{path} was trained with {state['tokens_per_step']} tokens per step, this config "
                                   f"has {self.budget.tokens_per_step}; keep batch and data.seq_len of the run")

@@ -122,9 +122,9 @@ def _handler(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 
 
 def _load(args: argparse.Namespace):
-    from mor.eval.checkpoint import load_checkpoint
+    from mor.pretrained import load_model_and_tokenizer
 
-    return load_checkpoint(args.checkpoint, args.tokenizer, resolve_device(args.device), args.dtype)
+    return load_model_and_tokenizer(args.checkpoint, args.tokenizer, resolve_device(args.device), args.dtype)
 
 
 @_handler
