@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mor.cli import main
+from mor.cli.common import routing_modes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -70,12 +71,23 @@ def test_steps_overrides_any_budget(sample_data, capsys):
     assert code == 2 and "argument --steps: must be at least 1" in err
 
 
+def test_routing_narrows_the_models_own_modes():
+    from test_eval_support import CountingLM, tiny_model
+
+    assert routing_modes(tiny_model("vanilla"), "both") == [None]
+    assert routing_modes(tiny_model("expert"), "both") == ["topk", "causal"]
+    assert routing_modes(tiny_model("expert"), "causal") == ["causal"]
+    assert routing_modes(tiny_model("token"), "causal") == [None]  # its forward is the same in both modes
+    assert routing_modes(CountingLM(), "topk") == [None]  # not a mor model (mor eval --transformers)
+
+
 def test_help_and_argument_errors_import_no_heavy_module():
     # `mor --help` paid seconds for torch before running anything; the time itself is measured by
     # benchmarks/cli_startup.py.
     script = """
 import sys
 from mor.cli import main
+from mor.cli.common import routing_modes
 for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["viz", "stats", "--help"], ["train", "x", "--set"],
              ["data", "prepare", "--help"], ["convert", "--help"], ["generate", "--help"], ["quickstart", "--help"]):
     try:

@@ -10,7 +10,7 @@ import torch
 from test_eval_support import CountingLM, bpe_tokenizer, tiny_model, word_tokenizer
 
 from mor.data import load_tokenizer
-from mor.eval.scoring import encode_pair, loglikelihoods, routing_modes
+from mor.eval.scoring import encode_pair, loglikelihoods
 
 
 def random_requests(count: int, seed: int = 1, vocab: int = 300) -> list[tuple[list[int], list[int]]]:
@@ -98,13 +98,3 @@ def test_encode_pair_moves_trailing_whitespace_into_the_continuation(tmp_path):
 def test_an_empty_context_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="context is empty"):
         loglikelihoods(tiny_model("vanilla"), [([], [7]), ([1, 2, 3], [4])], max_length=32, progress=False)
-
-
-def test_routing_modes():
-    assert routing_modes(tiny_model("vanilla")) == [None]
-    assert routing_modes(tiny_model("expert")) == ["topk", "causal"]
-    assert routing_modes(tiny_model("expert"), "causal") == ["causal"]
-    assert routing_modes(tiny_model("token"), "causal") == [None]  # its forward is the same in both modes
-    assert routing_modes(CountingLM()) == [None]  # not a mor model (mor eval --transformers)
-    with pytest.raises(ValueError, match="routing must be"):
-        routing_modes(tiny_model("expert"), "greedy")

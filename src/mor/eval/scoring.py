@@ -17,8 +17,6 @@ import torch
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from mor.config import ROUTING_MODES, MoRConfig
-
 logger = logging.getLogger(__name__)
 
 TokenRequest = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
@@ -112,16 +110,6 @@ def loglikelihoods(
         logger.warning("%d of %d requests were longer than max_length=%d tokens and lost tokens from the left",
                        truncated, len(requests), max_length)
     return results
-
-
-def routing_modes(model: torch.nn.Module, requested: str = "both") -> list[str | None]:
-    """The routing modes to evaluate ``model`` in: its config's :attr:`~mor.config.MoRConfig.routing_modes`, or
-    only ``requested`` ("topk" or "causal") where the mode matters; ``[None]`` for a model that is not a mor model."""
-    if requested not in ("both", *ROUTING_MODES):
-        raise ValueError(f"routing must be 'both', 'topk' or 'causal', got {requested!r}")
-    config = getattr(model, "config", None)
-    modes = list(config.routing_modes) if isinstance(config, MoRConfig) else [None]
-    return modes if requested == "both" or modes == [None] else [requested]
 
 
 def pad_token_id(model: torch.nn.Module) -> int:
