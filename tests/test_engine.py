@@ -234,3 +234,10 @@ def test_each_request_can_have_its_own_test_time_depth():
         assert streamed[i] == (reference.sequences()[0], reference.depths[0, :count].tolist())
     with pytest.raises(ValueError, match="at most 2"):
         engine.add([1], 2, extra_recursions=3)
+
+
+def test_the_engine_serves_in_eval_mode():
+    # Documented in Engine: it switches the model to inference routing and leaves it there.
+    model = make("expert").train()
+    Engine(model, max_batch_slots=2, max_seq_len=16, page_size=4)
+    assert not model.training

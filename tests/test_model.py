@@ -1,5 +1,6 @@
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from mor import MoRConfig, MoRForCausalLM
 from mor.model.sharing import layer_plan
@@ -135,6 +136,16 @@ def test_expert_choice_selects_floor_capacity_times_length_per_sequence(nr, seq_
     out = model(tokens(3, seq_len), routing="topk")
     for r, count in enumerate(expected, start=1):
         assert ((out.depths >= r).sum(1) == count).all(), (r, out.depths)
+
+
+def test_capacity_warm_up_follows_the_training_progress_it_is_given():
+    model = make(**MOR_VARIANTS["expert"], capacity_warmup_steps=10).train()
+    ids = tokens(2, 24)
+    for progress, expected in ((0, [24, 24, 24]), (5, [24, 20, 16]), (10, [24, 16, 8]), (None, [24, 16, 8])):
+        model.set_training_progress(progress)
+        for _ in range(2):  # forwards leave the progress alone: the training loop owns it
+            depths = model(ids).depths
+            assert [int((depths >= r).sum(1)[0]) for r in (1, 2, 3)] == expected, progress
 
 
 def test_expert_choice_is_hierarchical_and_follows_router_scores():
@@ -365,6 +376,18 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert loaded.model.token.balancing_bias.eq(0.25).all()
+
+
+def test_checkpoints_with_the_retired_warm_up_count_still_load(tmp_path):
+    # Earlier versions kept the capacity warm-up count in the model (a buffer); the trainer keeps it now.
+    model = make(**MOR_VARIANTS["expert"])
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({**state, "model.expert.num_training_forwards": torch.tensor(7)}, tmp_path / "model.safetensors")
+    loaded = MoRForCausalLM.from_pretrained(tmp_path).eval()
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_from_pretrained_refuses_bad_checkpoints(tmp_path):

@@ -21,6 +21,8 @@ from mor.integrity import CheckpointError, save_safetensors, weight_problem
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# Entries that earlier versions stored and the model no longer has; reading skips them.
+RETIRED = ("model.expert.num_training_forwards",)  # the capacity warm-up count, now kept by the trainer
 
 
 def tied_parameter_names(model: nn.Module) -> dict[str, str]:
@@ -78,6 +80,7 @@ def load_weights(directory: Path, model: nn.Module, device: str | torch.device =
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path} is unreadable or truncated: {error}") from error
+    tensors = {name: t for name, t in tensors.items() if name not in RETIRED}
     state = {**tensors, **{name: tensors[source] for name, source in tied_parameter_names(model).items()
                            if source in tensors}}
     _check_names_and_shapes(path, state, model.state_dict())

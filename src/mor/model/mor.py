@@ -147,8 +147,6 @@ class MoRModel(nn.Module):
 
         for position in self.plan.coda:
             hidden = self._run(position, hidden, rope, mask, layout, kvs, cache)
-        if self.expert is not None and self.training and routing == "topk":
-            self.expert.num_training_forwards += 1
         return self.norm(hidden), depths, result
 
     def _run(
@@ -332,11 +330,27 @@ class MoRForCausalLM(nn.Module):
             out.loss = out.lm_loss + sum(routed.losses.values(), torch.zeros((), device=logits.device))
         return out
 
-    # ------------------------------------------------------------------ routers
-    def update_balancing_bias(self) -> None:
-        """Loss-free balancing update (token-choice); call after each optimizer step. No-op otherwise."""
-        if self.model.token is not None and self.config.balancing == "loss_free":
-            self.model.token.update_balancing_bias()
+    # ------------------------------------------------------------------ routers (upkept by the training loop)
+    def set_training_progress(self, forwards: int | None) -> None:
+        """Training forward passes (micro-batches) done so far, which set the expert-choice capacities during the
+        warm-up (``capacity_warmup_steps``); the trainer calls it before each forward. None, the default, means
+        warmed up: the configured capacities. No-op for other models."""
+        if self.model.expert is not None:
+            self.model.expert.training_progress = forwards
+
+    def balancing_loads(self) -> Tensor | None:
+        """The tokens routed to each depth in training forwards since the last :meth:`update_balancing_bias`
+        (loss-free token-choice balancing), or None for other models."""
+        if self.model.token is None or self.config.balancing != "loss_free":
+            return None
+        return self.model.token.load_counts
+
+    def update_balancing_bias(self, loads: Tensor | None = None) -> None:
+        """Loss-free balancing update (token-choice); call after each optimizer step with ``loads``, the
+        :meth:`balancing_loads` summed over every process (default: this process's). No-op for other models."""
+        own = self.balancing_loads()
+        if own is not None:
+            self.model.token.update_balancing_bias(own if loads is None else loads)
 
     def aux_router_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the auxiliary routers (trained only by their own BCE; own optimizer settings)."""

@@ -227,6 +227,7 @@ class Trainer:
             # the ranks' token-weighted losses.
             weight = counts[i] * world / total
             mb = {k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()}
+            self._set_progress(i)
             with distributed.gradient_sync(self.model, i == accum - 1), self.autocast:
                 out = self.model(mb["input_ids"], labels=mb["labels"], document_ids=mb.get("document_ids"))
             (out.loss * weight).backward()
@@ -248,7 +249,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.module.update_balancing_bias()
+        loads = self.module.balancing_loads()
+        if loads is not None:  # every rank moves its bias by the loads of all of them, so the biases stay equal
+            self.module.update_balancing_bias(distributed.all_reduce_sum(loads.clone()))
         metrics["grad_norm"] = grad_norm.item()
         for name, value in stats.items():  # router statistics of this rank
             metrics[f"router/{name}"] = value.tolist() if value.dim() else value.item()
@@ -270,6 +273,7 @@ class Trainer:
             raise ValueError(f"the validation split of {data.path} has fewer than {world} rows of {data.seq_len} "
                              "tokens; set data.val_split: null or prepare more validation data")
         results = {}
+        self._set_progress()
         self.model.eval()
         for mode in self.model_config.routing_modes:
             nll = torch.zeros(2, device=self.env.device, dtype=torch.float64)
@@ -286,6 +290,11 @@ class Trainer:
             results["val/nll" + (f"_{mode}" if mode else "")] = total / max(count, 1)
         self.model.train()
         return results
+
+    def _set_progress(self, micro_batch: int = 0) -> None:
+        """Tell the model how many training forwards came before this one (the capacity warm-up): the trainer
+        owns that count, so it follows the step restored on resume."""
+        self.module.set_training_progress(self.step * self.budget.grad_accum + micro_batch)
 
     def _validate_and_log(self, progress: tqdm | None) -> dict[str, float]:
         results = self.validate()
