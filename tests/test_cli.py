@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import CONFIGS, CountingLM, make
 
 from mor.cli import main
 from mor.cli.common import routing_modes
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -72,12 +70,10 @@ def test_steps_overrides_any_budget(sample_data, capsys):
 
 
 def test_routing_narrows_the_models_own_modes():
-    from test_eval_support import CountingLM, tiny_model
-
-    assert routing_modes(tiny_model("vanilla"), "both") == [None]
-    assert routing_modes(tiny_model("expert"), "both") == ["topk", "causal"]
-    assert routing_modes(tiny_model("expert"), "causal") == ["causal"]
-    assert routing_modes(tiny_model("token"), "causal") == [None]  # its forward is the same in both modes
+    assert routing_modes(make("vanilla"), "both") == [None]
+    assert routing_modes(make("expert"), "both") == ["topk", "causal"]
+    assert routing_modes(make("expert"), "causal") == ["causal"]
+    assert routing_modes(make("token"), "causal") == [None]  # its forward is the same in both modes
     assert routing_modes(CountingLM(), "topk") == [None]  # not a mor model (mor eval --transformers)
 
 

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import yaml
-from test_train_support import make_dataset, tiny_config
+from helpers import make_dataset, tiny_config
 
 from mor.cli import main
 from mor.data import prepare

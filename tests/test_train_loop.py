@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train_support import make_dataset, tiny_config
+from helpers import make_dataset, tiny_config
 
 from mor import MoRForCausalLM
 from mor.train import ConfigError, Trainer, TrainingDiverged, train
