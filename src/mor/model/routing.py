@@ -95,6 +95,11 @@ class ExpertChoice(nn.Module):
         """The fraction of tokens step ``step`` selects: ``c_r``, or during the warm-up (MOR_SPEC 4.8) a half
         cosine from 1 down to ``c_r`` over ``capacity_warmup_steps`` training forwards."""
         target = self.config.step_capacities[step]
+        return self._warming_up(target) if self.config.capacity_warmup_steps else target
+
+    # Outside torch.compile: a graph that read the progress would be compiled again for every value it takes.
+    @torch.compiler.disable
+    def _warming_up(self, target: float) -> float:
         warmup, done = self.config.capacity_warmup_steps, self.training_progress
         if done is None or done >= warmup:
             return target
