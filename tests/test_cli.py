@@ -1,12 +1,14 @@
-"""The ``mor`` command itself: one ``--set`` for every subcommand, ``--steps``, and help without heavy imports."""
+"""The ``mor`` command itself: one ``--set`` for every subcommand, ``--steps``, the shared ``--routing``, help without
+heavy imports, and argument parsing kept to mor/cli/."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
-from helpers import CONFIGS, CountingLM, make
+from helpers import CONFIGS, REPO_ROOT, CountingLM, make
 
 from mor.cli import main
 from mor.cli.common import routing_modes
@@ -94,3 +96,11 @@ print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "numpy", "tokeni
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_only_the_command_line_parses_arguments():
+    # The library packages take values, not argv: argparse belongs to mor/cli/ alone.
+    package = REPO_ROOT / "src" / "mor"
+    parsing = [str(path.relative_to(package)) for path in package.rglob("*.py")
+               if re.search(r"^\s*(import|from) argparse\b", path.read_text(), re.M)]
+    assert parsing and all(name.startswith("cli/") for name in parsing), parsing
