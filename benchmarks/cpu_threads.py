@@ -22,7 +22,7 @@ from pathlib import Path
 
 TRAIN = """
 import json, sys, torch
-from mor.quickstart import QUICKSTART_MODEL
+from mor.cli.quickstart import QUICKSTART_MODEL
 from mor.train import config_from_dict, train
 data, out, steps, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)

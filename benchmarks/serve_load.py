@@ -137,21 +137,15 @@ def dtype_of(args: argparse.Namespace) -> torch.dtype:
     return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
 
 
-def serve_options(name: str, args: argparse.Namespace) -> list[str]:
-    return ["--max-batch", str(args.batch), "--max-seq-len", str(args.max_prompt + args.max_output),
-            "--max-queue", str(max(args.requests, args.clients)), "--served-model-name", name, "--device",
-            args.device]
-
-
 def run_server(args: argparse.Namespace) -> None:
     """The --serve mode: the same model as the parent builds, served as ``mor serve`` serves a checkpoint."""
-    from mor.cli import build_parser
-    from mor.serve.cli import listen, serve
+    from mor.serve.server import ServeOptions, listen, serve
 
     tokenizer = load_tokenizer(args.tokenizer)
     model = build(args.serve, args, tokenizer.vocab_size).to(dtype_of(args))
-    options = build_parser().parse_args(["serve", "-", *serve_options(args.serve, args)])
-    serve(model, tokenizer, args.serve, listen("127.0.0.1", 0), options, cuda_graphs=args.device.startswith("cuda"))
+    options = ServeOptions(max_batch=args.batch, max_queue=max(args.requests, args.clients),
+                           max_seq_len=args.max_prompt + args.max_output, cuda_graphs=args.device.startswith("cuda"))
+    serve(model, tokenizer, args.serve, listen("127.0.0.1", 0), options)
 
 
 class Server:
@@ -160,8 +154,10 @@ class Server:
     def __init__(self, name: str, args: argparse.Namespace, argv: list[str], log: Path) -> None:
         checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
         if name in checkpoints:
-            command = [sys.executable, "-m", "mor.cli", "serve", checkpoints[name], "--port", "0",
-                       "--tokenizer", str(args.tokenizer), *serve_options(name, args)]
+            command = [sys.executable, "-m", "mor.cli", "serve", checkpoints[name], "--port", "0", "--tokenizer",
+                       str(args.tokenizer), "--max-batch", str(args.batch), "--max-queue",
+                       str(max(args.requests, args.clients)), "--max-seq-len", str(args.max_prompt + args.max_output),
+                       "--served-model-name", name, "--device", args.device]
         else:
             command = [sys.executable, __file__, *argv, "--serve", name]
         self.log = log

@@ -6,7 +6,7 @@ measured in the same run as the baseline. Prints a table and writes JSON.
 
     python benchmarks/train_step.py --shapes smollm-135m smollm-360m --out bench-out
 
-MFU counts 3x the forward FLOPs of ``mor.flops`` (linear layers, causal attention) plus the LM head, against
+MFU counts 3x the forward FLOPs of ``mor.model.flops`` (linear layers, causal attention) plus the LM head, against
 the GPU's dense bf16 peak.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mor import MoRConfig, MoRForCausalLM
-from mor.flops import forward_flops_per_token
+from mor.model.flops import forward_flops_per_token
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 

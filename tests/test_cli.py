@@ -1,16 +1,17 @@
-"""The ``mor`` command itself: one ``--set`` for every subcommand, ``--steps``, and help without heavy imports."""
+"""The ``mor`` command itself: one ``--set`` for every subcommand, ``--steps``, the shared ``--routing``, help without
+heavy imports, and argument parsing kept to mor/cli/."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import CONFIGS, REPO_ROOT, CountingLM, make
 
 from mor.cli import main
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from mor.cli.common import routing_modes
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -70,12 +71,21 @@ def test_steps_overrides_any_budget(sample_data, capsys):
     assert code == 2 and "argument --steps: must be at least 1" in err
 
 
+def test_routing_narrows_the_models_own_modes():
+    assert routing_modes(make("vanilla"), "both") == [None]
+    assert routing_modes(make("expert"), "both") == ["topk", "causal"]
+    assert routing_modes(make("expert"), "causal") == ["causal"]
+    assert routing_modes(make("token"), "causal") == [None]  # its forward is the same in both modes
+    assert routing_modes(CountingLM(), "topk") == [None]  # not a mor model (mor eval --transformers)
+
+
 def test_help_and_argument_errors_import_no_heavy_module():
     # `mor --help` paid seconds for torch before running anything; the time itself is measured by
     # benchmarks/cli_startup.py.
     script = """
 import sys
 from mor.cli import main
+from mor.cli.common import routing_modes
 for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["viz", "stats", "--help"], ["train", "x", "--set"],
              ["data", "prepare", "--help"], ["convert", "--help"], ["generate", "--help"], ["quickstart", "--help"]):
     try:
@@ -86,3 +96,11 @@ print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "numpy", "tokeni
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_only_the_command_line_parses_arguments():
+    # The library packages take values, not argv: argparse belongs to mor/cli/ alone.
+    package = REPO_ROOT / "src" / "mor"
+    parsing = [str(path.relative_to(package)) for path in package.rglob("*.py")
+               if re.search(r"^\s*(import|from) argparse\b", path.read_text(), re.M)]
+    assert parsing and all(name.startswith("cli/") for name in parsing), parsing

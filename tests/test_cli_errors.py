@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import yaml
-from test_train_support import make_dataset, tiny_config
+from helpers import make_dataset, tiny_config
 
 from mor.cli import main
 from mor.data import prepare
@@ -99,12 +99,12 @@ def test_bad_option_values_are_usage_errors(workspace, capsys, argv, expected):
 
 
 def test_sample_passes_overwrite_on(workspace, monkeypatch):
-    import mor.data.cli
+    import mor.cli.data
     import mor.data.sample
 
     calls = []
     monkeypatch.setattr(mor.data.sample, "prepare_sample", lambda out, **kwargs: calls.append(kwargs) or {})
-    monkeypatch.setattr(mor.data.cli, "_summary", lambda index: "")
+    monkeypatch.setattr(mor.cli.data, "_summary", lambda index: "")
     assert main(["data", "sample", "--out", str(workspace / "other-data"), "--overwrite"]) == 0
     assert calls == [{"overwrite": True}]
 

@@ -1,4 +1,4 @@
-"""Packed batches: rows, shuffling, rank sharding, exact resume, evaluation rows, document ids and masks."""
+"""Packed batches: rows, shuffling, rank sharding, exact resume, evaluation rows, document ids."""
 
 import json
 import random
@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mor.data import (PackedBatches, TokenShards, document_block_mask, document_ids, document_mask,
-                      document_mask_mod, prepare, sample_tokenizer_path, sequential_batches)
+from mor.data import PackedBatches, TokenShards, document_ids, prepare, sample_tokenizer_path, sequential_batches
 
 SEQ = 16
 
@@ -135,27 +134,3 @@ def test_loader_document_ids_follow_the_eos_tokens(shards):
             current += token == shards.eos_token_id
         assert ids == expected
     assert "document_ids" not in next(PackedBatches(shards, SEQ, 4))
-
-
-def test_document_mask_is_causal_within_documents():
-    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 1, 1, 2, 3]])
-    mask = document_mask(doc)
-    for b in range(2):
-        for q in range(8):
-            for k in range(8):
-                assert bool(mask[b, q, k]) == (k <= q and doc[b, q] == doc[b, k])
-
-
-def test_flex_mask_mod_agrees_with_the_dense_mask():
-    generator = torch.Generator().manual_seed(0)
-    doc = document_ids(torch.randint(0, 4, (3, 40), generator=generator), eos_token_id=0)
-    b, q, k = torch.meshgrid(torch.arange(3), torch.arange(40), torch.arange(40), indexing="ij")
-    assert torch.equal(document_mask_mod(doc)(b, torch.zeros_like(b), q, k), document_mask(doc))
-
-
-def test_flex_block_mask_skips_blocks_of_other_documents():
-    pytest.importorskip("torch.nn.attention.flex_attention")
-    doc = torch.tensor([[0] * 128 + [1] * 128, [0] * 200 + [1] * 56])
-    dense = document_mask(doc).reshape(2, 2, 128, 2, 128).any(dim=(2, 4))  # which 128x128 blocks attend at all
-    blocks = document_block_mask(doc, block_size=128).to_dense()[:, 0].bool()
-    assert torch.equal(blocks, dense) and not dense[0, 1, 0] and dense[1, 1, 0]

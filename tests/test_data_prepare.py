@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from conftest import shared_data_dir
+from helpers import shared_data_dir
 from mor.cli import main
 from mor.data import DataError, TokenShards, prepare, read_index, sample_tokenizer_path, token_dtype
 
@@ -104,6 +104,7 @@ def test_rerun_is_idempotent_and_rebuilds_on_change(tmp_path, capsys):
     assert changed["fingerprint"] != first["fingerprint"] and changed["splits"]["train"]["documents"] == 27
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_bytes(tmp_path):
     corpus(tmp_path / "c.jsonl", 600)
     for workers in (1, 2):

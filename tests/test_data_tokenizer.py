@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import shared_data_dir
+from helpers import shared_data_dir
 from mor.data import (TokenShards, iter_documents, load_tokenizer, prepare_sample, sample_corpus_paths,
                       sample_tokenizer_path, train_tokenizer)
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from test_infer import make, tokens
+from helpers import make_decisive, tokens
 
 from mor.infer.engine import Engine
 
@@ -23,7 +23,7 @@ def assert_matches_generate(model, out, prompt_list, new_tokens, **kwargs):
                                      "recursive_middle_cycle_share", "expert", "expert_share", "expert_aux_router",
                                      "expert_cycle_mlp", "token", "token_share"])
 def test_engine_generates_what_generate_does_token_for_token(variant):
-    model = make(variant)
+    model = make_decisive(variant)
     out = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4).generate(prompts(), NEW_TOKENS)
     assert_matches_generate(model, out, prompts(), NEW_TOKENS)
     assert [len(r.tokens) for r in out.results] == NEW_TOKENS
@@ -34,7 +34,7 @@ def test_engine_generates_what_generate_does_token_for_token(variant):
 @pytest.mark.parametrize("variant", ["vanilla", "expert", "token_share"])
 def test_fewer_block_and_tail_slots_than_requests_pick_the_oldest_rows(variant):
     # More requests in flight than the block or the tail can take at once: rows wait their turn.
-    model = make(variant)
+    model = make_decisive(variant)
     engine = Engine(model, max_batch_slots=2, max_requests=4, tail_slots=2, max_seq_len=32, page_size=4, window=4)
     out = engine.generate(prompts(), NEW_TOKENS)
     assert_matches_generate(model, out, prompts(), NEW_TOKENS)
@@ -45,7 +45,7 @@ def test_fewer_block_and_tail_slots_than_requests_pick_the_oldest_rows(variant):
 @pytest.mark.parametrize("variant", ["vanilla", "recursive_sequence_share", "expert", "expert_share", "token_share"])
 def test_cuda_graphs_and_the_paged_kernel_generate_what_generate_does_on_the_gpu(variant):
     torch.compiler.reset()  # every variant compiles afresh, within dynamo's recompilation limit
-    model = make(variant).cuda()
+    model = make_decisive(variant).cuda()
     engine = Engine(model, max_batch_slots=3, max_requests=4, tail_slots=3, max_seq_len=32, page_size=4,
                     cuda_graphs=True, window=4)
     assert engine.runner.kernel and engine.compiled
@@ -58,7 +58,7 @@ def test_cuda_graphs_and_the_paged_kernel_generate_what_generate_does_on_the_gpu
 
 
 def test_short_page_pool_preempts_and_recomputes_without_changing_tokens():
-    model = make("expert")
+    model = make_decisive("expert")
     lengths, new_tokens = (1, 5, 3, 7, 2, 4), [12, 9, 14, 7, 10, 11]
     engine = Engine(model, max_batch_slots=4, max_seq_len=24, page_size=2, num_pages=40)
     out = engine.generate(prompts(lengths), new_tokens)
@@ -72,7 +72,7 @@ def test_short_page_pool_preempts_and_recomputes_without_changing_tokens():
 def test_a_request_that_can_never_fit_is_refused_before_anything_runs():
     # Vanilla writes every stream: 5 streams x ceil((9 + 20) / 4) pages = 40 > 15. The short request that
     # would finish first must not be computed and lost.
-    model = make("vanilla")
+    model = make_decisive("vanilla")
     engine = Engine(model, max_batch_slots=2, max_seq_len=32, page_size=4, num_pages=15)
     with pytest.raises(ValueError, match="prompt 0: 9 prompt \\+ 20 new tokens need at least 40 KV pages"):
         engine.generate([list(range(1, 10)), [3, 4]], [20, 2])
@@ -80,7 +80,7 @@ def test_a_request_that_can_never_fit_is_refused_before_anything_runs():
 
 
 def test_more_requests_in_flight_than_block_slots_keep_the_block_full():
-    model = make("token")
+    model = make_decisive("token")
     lengths = PROMPT_LENGTHS * 3
     engine = Engine(model, max_batch_slots=2, max_requests=4, max_seq_len=32, page_size=4, window=2)
     out = engine.generate(prompts(lengths), 12)
@@ -89,7 +89,7 @@ def test_more_requests_in_flight_than_block_slots_keep_the_block_full():
 
 
 def test_kv_accounting_follows_the_depths_each_token_ran():
-    model = make("expert")
+    model = make_decisive("expert")
     nr = model.config.num_recursions
     out = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4).generate(prompts(), NEW_TOKENS)
     # Every token that went through the model: the prompt and all generated tokens but the last.
@@ -98,16 +98,16 @@ def test_kv_accounting_follows_the_depths_each_token_ran():
         ids = torch.tensor([prompt + result.tokens[:-1]])
         processed += model(ids, routing="causal").depths[0].tolist()
     assert out.stats.kv_block_ratio == pytest.approx(sum(processed) / (len(processed) * nr))
-    shared = make("expert_share")
+    shared = make_decisive("expert_share")
     out = Engine(shared, max_batch_slots=3, max_seq_len=32, page_size=4).generate(prompts(), NEW_TOKENS)
     assert out.stats.kv_block_ratio == pytest.approx(1 / nr)
-    vanilla = Engine(make("vanilla"), max_batch_slots=3, max_seq_len=32).generate(prompts(), NEW_TOKENS)
+    vanilla = Engine(make_decisive("vanilla"), max_batch_slots=3, max_seq_len=32).generate(prompts(), NEW_TOKENS)
     assert vanilla.stats.kv_block_ratio == pytest.approx(1.0) == vanilla.stats.kv_model_ratio
     assert vanilla.stats.kv_bytes_per_token == 2 * 5 * 2 * 16 * 4  # K+V, 5 layers, 2 KV heads, dim 16, fp32
 
 
 def test_engine_stops_at_eos_and_caps_depth_like_generate():
-    model = make("expert")
+    model = make_decisive("expert")
     free = Engine(model, max_batch_slots=3, max_seq_len=32).generate(prompts(), NEW_TOKENS)
     eos = free.results[1].tokens[3]
     out = Engine(model, max_batch_slots=3, max_seq_len=32).generate(prompts(), NEW_TOKENS, eos_token_id=eos)
@@ -120,14 +120,14 @@ def test_engine_stops_at_eos_and_caps_depth_like_generate():
 
 @pytest.mark.parametrize("variant", ["expert", "token_share", "recursive_cycle"])
 def test_extra_recursions_in_the_engine_match_generate(variant):
-    model = make(variant)
+    model = make_decisive(variant)
     out = Engine(model, max_batch_slots=3, max_seq_len=32, extra_recursions=2).generate(prompts(), NEW_TOKENS)
     assert_matches_generate(model, out, prompts(), NEW_TOKENS, extra_recursions=2)
     assert max(out.stats.depth_histogram) > model.config.num_recursions
 
 
 def test_sampling_in_the_engine_is_seeded():
-    engine = Engine(make("token"), max_batch_slots=3, max_seq_len=32)
+    engine = Engine(make_decisive("token"), max_batch_slots=3, max_seq_len=32)
     runs = [engine.generate(prompts(), 8, do_sample=True, top_p=0.9, seed=seed) for seed in (1, 1, 2)]
     tokens_of = [[r.tokens for r in run.results] for run in runs]
     assert tokens_of[0] == tokens_of[1] != tokens_of[2]
@@ -137,7 +137,7 @@ def test_sampling_in_the_engine_is_seeded():
 
 
 def test_engine_rejects_bad_requests_clearly():
-    engine = Engine(make("vanilla"), max_batch_slots=2, max_seq_len=16)
+    engine = Engine(make_decisive("vanilla"), max_batch_slots=2, max_seq_len=16)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         engine.generate([[1, 2], []], 4)
     with pytest.raises(ValueError, match="prompt 0 .*at most 6 new tokens"):
@@ -150,11 +150,11 @@ def test_engine_rejects_bad_requests_clearly():
         engine.generate([[1]], 2, do_sample=True, top_k=0)
     assert engine.generate([[1], [2]], [0, 3]).results[0].tokens == []
     with pytest.raises(ValueError, match="CUDA"):
-        Engine(make("vanilla"), cuda_graphs=True)
+        Engine(make_decisive("vanilla"), cuda_graphs=True)
 
 
 def test_a_requests_samples_depend_only_on_its_seed_not_on_its_batch_window_or_preemption():
-    model = make("token")
+    model = make_decisive("token")
     kwargs = dict(do_sample=True, temperature=1.3, seed=5)
     alone = Engine(model, max_batch_slots=1, max_seq_len=32, page_size=4).generate(prompts()[:1], [9], **kwargs)
     crowded = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4, window=1).generate(prompts(), 9, **kwargs)
@@ -167,7 +167,7 @@ def test_a_requests_samples_depend_only_on_its_seed_not_on_its_batch_window_or_p
 
 
 def test_streaming_requests_report_tokens_as_they_come_and_a_cancelled_one_frees_its_pages():
-    model = make("expert")
+    model = make_decisive("expert")
     engine = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4, window=2)
     engine.prepare([], ("greedy",))
     ids = [engine.add(p, n) for p, n in zip(prompts(), NEW_TOKENS)]
@@ -196,7 +196,7 @@ def test_streaming_requests_report_tokens_as_they_come_and_a_cancelled_one_frees
 def test_depth_wise_batching_can_be_switched_off_for_comparison():
     # Lockstep: the block holds a batch's tokens until the deepest is done; the tokens are the same, the block
     # runs emptier.
-    model = make("expert")
+    model = make_decisive("expert")
     lengths = PROMPT_LENGTHS * 2
     runs = [Engine(model, max_batch_slots=4, max_seq_len=32, page_size=4, lockstep=lockstep).generate(
         prompts(lengths), 10) for lockstep in (False, True)]
@@ -206,7 +206,7 @@ def test_depth_wise_batching_can_be_switched_off_for_comparison():
 
 def test_the_engine_routes_with_the_routers_as_they_are_including_a_bias():
     # Benchmarks calibrate exits by giving routers a bias; the engine's one-product router path must keep it.
-    model = make("expert")
+    model = make_decisive("expert")
     router = model.model.expert.routers[1]  # decides on the second step
     linear = router.net
     router.net = torch.nn.Linear(linear.in_features, 1, bias=True)
@@ -218,7 +218,7 @@ def test_the_engine_routes_with_the_routers_as_they_are_including_a_bias():
 
 
 def test_each_request_can_have_its_own_test_time_depth():
-    model = make("expert")
+    model = make_decisive("expert")
     engine = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4, extra_recursions=2)
     engine.prepare([], ("greedy",))
     depth = [dict(), dict(max_recursions=1), dict(extra_recursions=2), dict(max_recursions=2), dict(extra_recursions=1)]
@@ -234,3 +234,10 @@ def test_each_request_can_have_its_own_test_time_depth():
         assert streamed[i] == (reference.sequences()[0], reference.depths[0, :count].tolist())
     with pytest.raises(ValueError, match="at most 2"):
         engine.add([1], 2, extra_recursions=3)
+
+
+def test_the_engine_serves_in_eval_mode():
+    # Documented in Engine: it switches the model to inference routing and leaves it there.
+    model = make_decisive("expert").train()
+    Engine(model, max_batch_slots=2, max_seq_len=16, page_size=4)
+    assert not model.training

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from test_eval_support import VOCAB, bpe_tokenizer, sentences, tiny_model
+from helpers import TEXT_VOCAB, bpe_tokenizer, make, sentences
 
 from mor.cli import main
 
@@ -17,7 +17,7 @@ def workspace(tmp_path):
     """A tiny expert-choice checkpoint (tokenizer inside) and a data folder with COPA- and LAMBADA-like files."""
     tokenizer = bpe_tokenizer(tmp_path)
     ckpt = tmp_path / "ckpt"
-    tiny_model("expert").save_pretrained(ckpt)
+    make("expert", vocab_size=TEXT_VOCAB).save_pretrained(ckpt)
     shutil.copy(tokenizer, ckpt / "tokenizer.json")
     texts = sentences(40, seed=7)
     (tmp_path / "data" / "eval").mkdir(parents=True)
@@ -92,7 +92,7 @@ def test_transformers_backend_scores_an_original_like_its_import(workspace, caps
     from mor.interop import load_hf_llama
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    config = transformers.LlamaConfig(vocab_size=TEXT_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                       rope_theta=ROPE_THETA, eos_token_id=[0, 1])
     hf = transformers.LlamaForCausalLM(config)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_eval_support import CountingLM, bpe_tokenizer, sentences, tiny_model, word_tokenizer, words
+from helpers import TEXT_VOCAB, CountingLM, bpe_tokenizer, make, sentences, word_tokenizer, words
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -44,7 +44,7 @@ def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("lm_eval")
     tokenizer_file = bpe_tokenizer(root)
     ckpt = root / "ckpt"
-    tiny_model("expert").save_pretrained(ckpt)
+    make("expert", vocab_size=TEXT_VOCAB).save_pretrained(ckpt)
     shutil.copy(tokenizer_file, ckpt / "tokenizer.json")
     texts = sentences(12, seed=5)
     docs = [{"query": texts[i], "choices": [texts[i + 1], texts[i + 2][:20], texts[i + 3][:9]], "gold": i % 3}
@@ -107,6 +107,7 @@ def test_generate_until_decodes_greedily_and_stops():
     assert lm.generate_until(requests, disable_tqdm=True) == ["w3 w4 w5 ", "w3 w4 w5"]
 
 
+@pytest.mark.slow
 def test_lm_eval_command_line_runs_the_mor_model_on_the_device_that_exists(setup, tmp_path):
     # No --device: lm-eval's own default (cuda:0) crashed on machines without a GPU.
     out = tmp_path / "out"
@@ -145,7 +146,7 @@ def test_lm_eval_help_names_the_mor_model(capsys):
 
 def test_generate_until_with_kv_cached_generate_matches_full_forward_decoding():
     # larger initial weights than usual, so that greedy decoding does not just repeat one token
-    lm = MoRLM(tiny_model("expert", initializer_range=0.2), tokenizer=word_tokenizer(300), routing="causal")
+    lm = MoRLM(make("expert", vocab_size=TEXT_VOCAB, initializer_range=0.2), tokenizer=word_tokenizer(300), routing="causal")
     assert hasattr(lm.model, "generate")  # generate_until takes the KV-cached path
     prompt = words(5, 17, 33, 4, 90, 61)
     full = lm._greedy_full_forward(lm.tok_encode(prompt), 12, until=[])

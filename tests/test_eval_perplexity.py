@@ -9,8 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data_dir
-from test_eval_support import CountingLM, bpe_tokenizer, sentences, tiny_model
+from helpers import TEXT_VOCAB, CountingLM, bpe_tokenizer, make, sentences, shared_data_dir
 
 from mor.data import load_tokenizer
 from mor.eval.perplexity import evaluate_perplexity, pack_rows, shard_rows, text_rows
@@ -67,7 +66,7 @@ def test_known_logits_give_the_exact_nll():
 
 @pytest.mark.parametrize("routing", ["topk", "causal"])
 def test_row_nll_is_the_mean_of_each_rows_lm_loss(routing):
-    model = tiny_model("expert")
+    model = make("expert", vocab_size=TEXT_VOCAB)
     generator = torch.Generator().manual_seed(4)
     rows = [torch.randint(1, 300, (n,), generator=generator).tolist() for n in (32, 32, 20, 32, 9)]
     result = evaluate_perplexity(model, rows, num_rows=4, batch_size=3, routing=routing, progress=False)

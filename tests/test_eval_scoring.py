@@ -7,10 +7,10 @@ import random
 
 import pytest
 import torch
-from test_eval_support import CountingLM, bpe_tokenizer, tiny_model, word_tokenizer
+from helpers import TEXT_VOCAB, CountingLM, bpe_tokenizer, make, word_tokenizer
 
 from mor.data import load_tokenizer
-from mor.eval.scoring import encode_pair, loglikelihoods, routing_modes
+from mor.eval.scoring import encode_pair, loglikelihoods
 
 
 def random_requests(count: int, seed: int = 1, vocab: int = 300) -> list[tuple[list[int], list[int]]]:
@@ -22,7 +22,7 @@ def random_requests(count: int, seed: int = 1, vocab: int = 300) -> list[tuple[l
 @pytest.mark.parametrize("variant,routing", [("vanilla", None), ("expert", "topk"), ("expert", "causal"),
                                              ("token", "topk")])
 def test_batched_padded_scoring_equals_one_by_one(variant, routing):
-    model = tiny_model(variant)
+    model = make(variant, vocab_size=TEXT_VOCAB)
     requests = random_requests(10)
     batched = loglikelihoods(model, requests, max_length=256, batch_size=4, routing=routing, progress=False)
     alone = loglikelihoods(model, requests, max_length=256, batch_size=1, routing=routing, progress=False)
@@ -32,7 +32,7 @@ def test_batched_padded_scoring_equals_one_by_one(variant, routing):
 
 @pytest.mark.parametrize("routing", ["topk", "causal"])
 def test_scores_are_the_log_softmax_of_the_continuation_positions(routing):
-    model = tiny_model("expert")
+    model = make("expert", vocab_size=TEXT_VOCAB)
     context, continuation = [5, 9, 17, 3, 44, 12, 8], [71, 2, 90]
     full = torch.tensor([context + continuation])
     with torch.no_grad():
@@ -66,7 +66,7 @@ def test_routing_mode_reaches_the_model_and_is_omitted_for_plain_models():
 
 
 def test_long_inputs_lose_tokens_from_the_left_with_a_warning(caplog):
-    model = tiny_model("expert")
+    model = make("expert", vocab_size=TEXT_VOCAB)
     context, continuation = list(range(1, 31)), [40, 41, 42]
     with caplog.at_level(logging.WARNING, logger="mor.eval.scoring"):
         [truncated] = loglikelihoods(model, [(context, continuation)], max_length=16, routing="topk",
@@ -97,12 +97,4 @@ def test_encode_pair_moves_trailing_whitespace_into_the_continuation(tmp_path):
 
 def test_an_empty_context_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="context is empty"):
-        loglikelihoods(tiny_model("vanilla"), [([], [7]), ([1, 2, 3], [4])], max_length=32, progress=False)
-
-
-def test_routing_modes():
-    assert routing_modes(tiny_model("vanilla")) == [None]
-    assert routing_modes(tiny_model("expert")) == ["topk", "causal"]
-    assert routing_modes(tiny_model("token"), "causal") == ["causal"]
-    with pytest.raises(ValueError, match="routing must be"):
-        routing_modes(tiny_model("expert"), "greedy")
+        loglikelihoods(make("vanilla", vocab_size=TEXT_VOCAB), [([], [7]), ([1, 2, 3], [4])], max_length=32, progress=False)

@@ -8,8 +8,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import shared_data_dir
-from test_eval_support import CountingLM, word_tokenizer, words
+from helpers import CountingLM, shared_data_dir, word_tokenizer, words
 
 from mor import MoRConfig, MoRForCausalLM
 from mor.data import load_tokenizer

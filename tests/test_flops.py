@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mor import MoRConfig, MoRForCausalLM
-from mor.flops import flops_for_tokens, steps_for_budget, tokens_for_budget
+from mor.model.flops import flops_for_tokens, steps_for_budget, tokens_for_budget
 
 BUDGET = 16.5e18
 

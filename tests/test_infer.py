@@ -2,47 +2,13 @@ import io
 
 import pytest
 import torch
+from helpers import ROUTED_VARIANTS, VARIANTS, make_decisive, tokens
 
-from mor import MoRConfig, MoRForCausalLM
 from mor.infer import SamplingParams, generate
 from mor.infer.sampling import sample
 from mor.infer.page_pool import PagedCache
 from mor.infer.streaming import RESET, Streamer, TextStreamer, depth_colour, depth_palette
 from mor.model.kv_cache import StaticKVCache
-
-VOCAB = 256
-ROUTED = dict(sharing="middle_cycle", num_recursions=3)
-VARIANTS = {
-    "vanilla": {},
-    **{f"recursive_{s}{'_share' if kv == 'share' else ''}": dict(sharing=s, num_recursions=2, kv_cache=kv)
-       for s in ("cycle", "sequence", "middle_cycle", "middle_sequence") for kv in ("recursion", "share")},
-    **{f"expert{'_share' if kv == 'share' else ''}": dict(ROUTED, router="expert", kv_cache=kv)
-       for kv in ("recursion", "share")},
-    **{f"expert_aux_router{'_share' if kv == 'share' else ''}": dict(ROUTED, router="expert", kv_cache=kv,
-                                                                     expert_sampling="aux_router")
-       for kv in ("recursion", "share")},
-    "expert_cycle_mlp": dict(sharing="cycle", num_recursions=2, router="expert", router_arch="mlp"),
-    **{f"token{'_share' if kv == 'share' else ''}": dict(ROUTED, router="token", kv_cache=kv)
-       for kv in ("recursion", "share")},
-}
-ROUTED_VARIANTS = [name for name in VARIANTS if "expert" in name or "token" in name]
-
-
-def make(variant: str, seed: int = 0, **overrides) -> MoRForCausalLM:
-    """A tiny model whose expert routers are decisive, so that tokens really exit at different depths."""
-    torch.manual_seed(seed)
-    # A wider initialisation gives varied greedy tokens (a tiny random model otherwise repeats one token).
-    config = MoRConfig.from_preset("tiny", **{"initializer_range": 0.2, **VARIANTS[variant], **overrides})
-    model = MoRForCausalLM(config).eval()
-    if model.model.expert is not None:
-        for router in [*model.model.expert.routers, *model.model.expert.aux_routers]:
-            for p in router.parameters():
-                p.data.mul_(10)
-    return model
-
-
-def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def decode_incrementally(model, ids, cache, prefix: int, **kwargs):
@@ -56,7 +22,7 @@ def decode_incrementally(model, ids, cache, prefix: int, **kwargs):
 @pytest.mark.parametrize("cache_kind", ["static", "paged"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_cached_decoding_equals_full_causal_forward(variant, cache_kind):
-    model = make(variant)
+    model = make_decisive(variant)
     ids = tokens(2, 24)
     with torch.no_grad():
         full = model(ids, routing="causal")
@@ -73,7 +39,7 @@ def test_cached_decoding_equals_full_causal_forward(variant, cache_kind):
 
 @pytest.mark.parametrize("variant", ["expert", "expert_share", "token", "recursive_cycle"])
 def test_extra_recursions_decode_like_the_full_forward(variant):
-    model = make(variant)
+    model = make_decisive(variant)
     ids = tokens(2, 16)
     nr = model.config.num_recursions
     with torch.no_grad():
@@ -89,7 +55,7 @@ def test_extra_recursions_decode_like_the_full_forward(variant):
 
 
 def test_cache_streams_hold_exactly_the_tokens_that_ran_each_depth():
-    model = make("expert")
+    model = make_decisive("expert")
     ids = tokens(2, 20)
     with torch.no_grad():
         depths = model(ids, routing="causal").depths
@@ -114,13 +80,13 @@ def test_cache_streams_hold_exactly_the_tokens_that_ran_each_depth():
 
 
 def test_kv_sharing_keeps_one_stream_per_distinct_layer():
-    recursion, share = make("expert"), make("expert_share")
+    recursion, share = make_decisive("expert"), make_decisive("expert_share")
     assert len(recursion.model.cache_positions()) == recursion.model.plan.num_positions
     assert len(share.model.cache_positions()) == share.config.num_unique_layers
 
 
 def test_paged_pool_exhaustion_and_length_limit_raise_clear_errors():
-    model = make("vanilla")
+    model = make_decisive("vanilla")
     cache = PagedCache.for_model(model, num_rows=1, max_seq_len=8, page_size=4, num_pages=3)
     with pytest.raises(MemoryError, match="page pool is exhausted"):
         model(tokens(1, 8), cache=cache.view([0]))
@@ -131,7 +97,7 @@ def test_paged_pool_exhaustion_and_length_limit_raise_clear_errors():
 
 
 def test_cache_needs_causal_routing():
-    model = make("expert")
+    model = make_decisive("expert")
     with pytest.raises(ValueError, match="routing='causal'"):
         model(tokens(1, 4), routing="topk", cache=StaticKVCache.for_model(model, 1, 8))
 
@@ -151,7 +117,7 @@ def greedy_reference(model, prompt: torch.Tensor, steps: int):
 @pytest.mark.parametrize("cache_kind", ["static", "paged"])
 @pytest.mark.parametrize("variant", ["vanilla", "recursive_middle_cycle_share", "expert", "expert_share", "token"])
 def test_greedy_generate_equals_uncached_greedy_decoding(variant, cache_kind):
-    model = make(variant)
+    model = make_decisive(variant)
     prompt = tokens(1, 6)[0]
     out = model.generate(prompt[None], max_new_tokens=10, cache_implementation=cache_kind)
     expected, depths = greedy_reference(model, prompt, 10)
@@ -163,7 +129,7 @@ def test_greedy_generate_equals_uncached_greedy_decoding(variant, cache_kind):
 @pytest.mark.parametrize("variant", ["vanilla", "recursive_sequence_share", "expert", "expert_aux_router_share",
                                      "token"])
 def test_left_padded_batch_equals_prompts_run_one_by_one(variant):
-    model = make(variant)
+    model = make_decisive(variant)
     prompts = [tokens(1, n, seed=n)[0] for n in (9, 4, 6)]
     width = max(p.numel() for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -179,7 +145,7 @@ def test_left_padded_batch_equals_prompts_run_one_by_one(variant):
 
 
 def test_rows_that_end_stop_while_the_others_continue():
-    model = make("expert")
+    model = make_decisive("expert")
     ids = tokens(3, 5)
     free = generate(model, ids, max_new_tokens=8)
     eos = free.sequences()[0][2]  # row 0 ends at its third token
@@ -200,7 +166,7 @@ class CharTokenizer:
 
 
 def test_stop_strings_end_a_row_once_its_text_contains_them():
-    model = make("vanilla")
+    model = make_decisive("vanilla")
     prompt = tokens(1, 4)
     free = generate(model, prompt, max_new_tokens=10).sequences()[0]
     text = CharTokenizer().decode(free)
@@ -214,14 +180,14 @@ def test_stop_strings_end_a_row_once_its_text_contains_them():
 
 
 def test_max_recursions_caps_generation_depth():
-    model = make("expert")
+    model = make_decisive("expert")
     out = generate(model, tokens(2, 6), max_new_tokens=6, max_recursions=2)
     assert out.depths.max() <= 2
     assert generate(model, tokens(2, 6), max_new_tokens=6).depths.max() == 3
 
 
 def test_sampling_is_seeded_and_filters_behave():
-    model = make("token")
+    model = make_decisive("token")
     ids = tokens(2, 5)
     a = generate(model, ids, max_new_tokens=12, do_sample=True, seed=3)
     b = generate(model, ids, max_new_tokens=12, do_sample=True, seed=3)
@@ -255,11 +221,11 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
 ])
 def test_bad_sampling_parameters_raise_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        generate(make("vanilla"), tokens(1, 4), **{"max_new_tokens": 2, **kwargs})
+        generate(make_decisive("vanilla"), tokens(1, 4), **{"max_new_tokens": 2, **kwargs})
 
 
 def test_bad_prompts_raise_clear_errors():
-    model = make("vanilla")
+    model = make_decisive("vanilla")
     context = model.config.max_position_embeddings
     with pytest.raises(ValueError, match="more than the model's context"):
         generate(model, tokens(1, context + 1), max_new_tokens=1)
@@ -274,13 +240,13 @@ def test_bad_prompts_raise_clear_errors():
 
 
 def test_zero_new_tokens_returns_an_empty_result():
-    out = generate(make("vanilla"), tokens(2, 3), max_new_tokens=0)
+    out = generate(make_decisive("vanilla"), tokens(2, 3), max_new_tokens=0)
     assert out.tokens.shape == (2, 0) and out.sequences() == [[], []]
 
 
 # ---------------------------------------------------------------------------------------------- streaming
 def test_streamers_receive_the_prompt_then_every_token_with_its_depth():
-    model = make("expert")
+    model = make_decisive("expert")
     seen = []
 
     class Recorder(Streamer):
@@ -294,7 +260,7 @@ def test_streamers_receive_the_prompt_then_every_token_with_its_depth():
 
 
 def test_text_streamer_prints_the_text_and_colours_depths():
-    model = make("expert")
+    model = make_decisive("expert")
     buffer = io.StringIO()
     streamer = TextStreamer(CharTokenizer(), color_depth=True, stream=buffer,
                             num_recursions=model.config.num_recursions)

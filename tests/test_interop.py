@@ -5,18 +5,14 @@ import os
 
 import pytest
 import torch
+from helpers import VOCAB, make, tokens, uneven_norms
 
-from mor import MoRConfig, MoRForCausalLM
+from mor import MoRForCausalLM
 from mor.interop import UnsupportedCheckpointError, export_hf, load_hf_llama, to_recursive
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 256
 ROPE_THETA = 5000.0
-
-
-def tokens(batch: int = 2, seq_len: int = 20, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
 def tiny_llama(tie: bool = True, **overrides) -> "transformers.LlamaForCausalLM":
@@ -24,12 +20,7 @@ def tiny_llama(tie: bool = True, **overrides) -> "transformers.LlamaForCausalLM"
     fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=ROPE_THETA,
                   rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=3, eos_token_id=[4, 5], pad_token_id=6)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**fields, **overrides})).eval()
-    with torch.no_grad():  # norm gains away from 1 so that a dropped or misplaced norm shows in the logits
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-    return model
+    return uneven_norms(transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**fields, **overrides})).eval())
 
 
 def assert_same_logits(ours: MoRForCausalLM, theirs, ids: torch.Tensor) -> None:
@@ -49,7 +40,7 @@ def test_import_safetensors_gives_identical_logits(tmp_path, tie, shard):
     assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.tie_word_embeddings) == (5000.0, 1e-5, tie)
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (3, 4, 6)
     assert cfg.sharing == "none" and cfg.num_hidden_layers == 5
-    assert_same_logits(model, hf, tokens())
+    assert_same_logits(model, hf, tokens(2, 20))
 
 
 def test_import_pytorch_bin(tmp_path):
@@ -57,7 +48,7 @@ def test_import_pytorch_bin(tmp_path):
     state = {k: v for k, v in hf.state_dict().items()}
     torch.save(state, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(hf.config.to_json_string())
-    assert_same_logits(load_hf_llama(tmp_path), hf, tokens())
+    assert_same_logits(load_hf_llama(tmp_path), hf, tokens(2, 20))
 
 
 def test_import_refuses_an_unsafe_pytorch_bin(tmp_path):
@@ -109,7 +100,7 @@ def test_import_reads_transformers4_rope_theta(tmp_path):
     _write_config(tmp_path, rope_parameters=None, rope_theta=5000.0, rope_scaling=None)
     model = load_hf_llama(tmp_path)
     assert model.config.rope_theta == 5000.0
-    assert_same_logits(model, hf, tokens())
+    assert_same_logits(model, hf, tokens(2, 20))
 
 
 def test_import_refuses_missing_weights_and_files(tmp_path):
@@ -181,22 +172,12 @@ def test_import_gguf_gives_identical_logits(tmp_path, tie):
     model = load_hf_llama(tmp_path / "tiny.gguf")
     assert model.config.tie_word_embeddings == tie
     assert model.config.rope_theta == 5000.0
-    assert_same_logits(model, hf, tokens())
+    assert_same_logits(model, hf, tokens(2, 20))
     # A folder with one .gguf and no config.json is read the same way.
-    assert_same_logits(load_hf_llama(tmp_path), hf, tokens())
+    assert_same_logits(load_hf_llama(tmp_path), hf, tokens(2, 20))
 
 
 # ---------------------------------------------------------------------------------------------- export
-def _mor(**overrides) -> MoRForCausalLM:
-    torch.manual_seed(0)
-    model = MoRForCausalLM(MoRConfig.from_preset("tiny", **overrides)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-    return model
-
-
 @pytest.mark.parametrize("overrides", [
     {},
     dict(tie_word_embeddings=False),
@@ -206,21 +187,21 @@ def _mor(**overrides) -> MoRForCausalLM:
     dict(sharing="middle_sequence", num_recursions=2),
 ], ids=["vanilla", "untied", "middle_cycle", "cycle", "sequence", "middle_sequence"])
 def test_export_loads_in_transformers_as_llama_with_identical_logits(tmp_path, overrides):
-    model = _mor(**overrides)
+    model = make(**overrides)
     export_hf(model, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(hf).__name__ == "LlamaForCausalLM"
     assert hf.config.num_hidden_layers == model.config.num_effective_layers
-    assert_same_logits(model, hf, tokens())
+    assert_same_logits(model, hf, tokens(2, 20))
     # And back: the unrolled export imports as a vanilla model with the same logits.
-    assert_same_logits(load_hf_llama(tmp_path), hf, tokens())
+    assert_same_logits(load_hf_llama(tmp_path), hf, tokens(2, 20))
 
 
 def test_export_refuses_routers_and_shared_kv(tmp_path):
     with pytest.raises(UnsupportedCheckpointError, match="no Mixture-of-Recursions architecture.*register_auto_classes"):
-        export_hf(_mor(sharing="middle_cycle", num_recursions=3, router="expert"), tmp_path)
+        export_hf(make(sharing="middle_cycle", num_recursions=3, router="expert"), tmp_path)
     with pytest.raises(UnsupportedCheckpointError, match="kv_cache='share'"):
-        export_hf(_mor(sharing="middle_cycle", num_recursions=3, kv_cache="share"), tmp_path)
+        export_hf(make(sharing="middle_cycle", num_recursions=3, kv_cache="share"), tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- Auto classes
@@ -233,18 +214,18 @@ def test_auto_model_loads_mor_checkpoints(tmp_path, overrides):
     from mor.interop import register_auto_classes
 
     register_auto_classes()
-    model = _mor(**overrides)
+    model = make(**overrides)
     model.save_pretrained(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert not hf.training
-    assert_same_logits(model, hf, tokens())
+    assert_same_logits(model, hf, tokens(2, 20))
     assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == model.config.tie_word_embeddings
     # The wrapper writes our format again.
     hf.save_pretrained(tmp_path / "again")
-    assert_same_logits(MoRForCausalLM.from_pretrained(tmp_path / "again"), hf, tokens())
+    assert_same_logits(MoRForCausalLM.from_pretrained(tmp_path / "again"), hf, tokens(2, 20))
     # Training mode reaches the core (top-k routing, gradients).
     hf.train()
-    out = hf(tokens(), labels=tokens())
+    out = hf(tokens(2, 20), labels=tokens(2, 20))
     out.loss.backward()
     assert hf.model.embed_tokens.weight.grad is not None
 
@@ -258,4 +239,4 @@ def test_converted_mor_model_runs_through_auto_classes(tmp_path):
     mor_model = to_recursive(load_hf_llama(tmp_path / "llama"), "middle_cycle", 2, "upper", router="expert")
     mor_model.save_pretrained(tmp_path / "mor")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mor")
-    assert_same_logits(mor_model, loaded, tokens())
+    assert_same_logits(mor_model, loaded, tokens(2, 20))

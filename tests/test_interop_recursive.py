@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import make, tokens, uneven_norms
 
 from mor import MoRConfig, MoRForCausalLM
 from mor.interop import INITS, source_layers, to_recursive
@@ -11,17 +12,8 @@ SHARINGS = ("cycle", "sequence", "middle_cycle", "middle_sequence")
 
 
 def vanilla(layers: int = 8, seed: int = 0, **overrides) -> MoRForCausalLM:
-    torch.manual_seed(seed)
-    model = MoRForCausalLM(MoRConfig.from_preset("tiny", num_hidden_layers=layers, **overrides)).eval()
-    with torch.no_grad():  # norm gains differ per layer so that every tensor identifies its layer
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-    return model
-
-
-def tokens(batch: int = 2, seq_len: int = 16) -> torch.Tensor:
-    return torch.randint(0, 256, (batch, seq_len), generator=torch.Generator().manual_seed(1))
+    """A vanilla model whose norm gains differ per layer, so that every tensor identifies its layer."""
+    return uneven_norms(make(seed=seed, num_hidden_layers=layers, **overrides))
 
 
 def recursive_config(layers: int, sharing: str, nr: int) -> MoRConfig:
@@ -122,7 +114,7 @@ def test_converted_layers_hold_the_chosen_source_weights(sharing, init):
     for name in ("embed_tokens.weight", "norm.weight"):
         assert torch.equal(model.model.state_dict()[name], source.model.state_dict()[name])
     with torch.no_grad():
-        assert torch.isfinite(model(tokens()).logits).all()
+        assert torch.isfinite(model(tokens(2, 16)).logits).all()
 
 
 def test_untied_head_is_copied_and_dtype_kept():
@@ -156,12 +148,12 @@ def test_converting_an_unrolled_recursive_model_recovers_it(sharing, inits):
     recursive = MoRForCausalLM(recursive_config(8, sharing, 3)).eval()  # 6 or 9 effective layers
     unrolled = _unrolled_vanilla(recursive)
     with torch.no_grad():
-        expected = recursive(tokens()).logits
-        torch.testing.assert_close(unrolled(tokens()).logits, expected)
+        expected = recursive(tokens(2, 16)).logits
+        torch.testing.assert_close(unrolled(tokens(2, 16)).logits, expected)
         for init in inits:
             converted = to_recursive(unrolled, sharing, 3, init).eval()
             assert converted.config.num_effective_layers == unrolled.config.num_hidden_layers
-            torch.testing.assert_close(converted(tokens()).logits, expected, msg=init)
+            torch.testing.assert_close(converted(tokens(2, 16)).logits, expected, msg=init)
 
 
 @pytest.mark.parametrize("router", ["expert", "token"])
@@ -175,7 +167,7 @@ def test_mor_conversion_initialises_routers_and_trains(router):
     assert abs(weights.mean().item()) < 0.01 and 0.015 < weights.std().item() < 0.025  # N(0, 0.02)
     again = to_recursive(source, "middle_cycle", 3, "stepwise", router=router, kv_cache="share", seed=5)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    out = model(tokens(), labels=tokens())
+    out = model(tokens(2, 16), labels=tokens(2, 16))
     out.loss.backward()
     assert all(p.grad is not None for p in model.model.layers.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers if p.requires_grad)

@@ -1,37 +1,10 @@
 import pytest
 import torch
+from helpers import ROUTED_VARIANTS, VARIANTS, VOCAB, make, scale_routers, tokens
+from safetensors.torch import load_file, save_file
 
 from mor import MoRConfig, MoRForCausalLM
 from mor.model.sharing import layer_plan
-
-VOCAB = 256
-
-
-def make(seed: int = 0, **overrides) -> MoRForCausalLM:
-    torch.manual_seed(seed)
-    return MoRForCausalLM(MoRConfig.from_preset("tiny", **overrides)).eval()
-
-
-def tokens(batch: int = 2, seq_len: int = 24, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-
-
-MOR_VARIANTS = {
-    "expert": dict(sharing="middle_cycle", num_recursions=3, router="expert"),
-    "expert_share": dict(sharing="middle_cycle", num_recursions=3, router="expert", kv_cache="share"),
-    "expert_aux_router": dict(sharing="middle_cycle", num_recursions=3, router="expert", expert_sampling="aux_router"),
-    "expert_cycle_mlp": dict(sharing="cycle", num_recursions=2, router="expert", router_arch="mlp"),
-    "token": dict(sharing="middle_cycle", num_recursions=3, router="token"),
-    "token_share": dict(sharing="middle_cycle", num_recursions=3, router="token", kv_cache="share"),
-}
-ALL_VARIANTS = {
-    "vanilla": {},
-    "recursive_cycle": dict(sharing="cycle", num_recursions=2),
-    "recursive_sequence": dict(sharing="sequence", num_recursions=2),
-    "recursive_middle_cycle_share": dict(sharing="middle_cycle", num_recursions=3, kv_cache="share"),
-    "recursive_middle_sequence": dict(sharing="middle_sequence", num_recursions=3),
-    **MOR_VARIANTS,
-}
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -137,6 +110,16 @@ def test_expert_choice_selects_floor_capacity_times_length_per_sequence(nr, seq_
         assert ((out.depths >= r).sum(1) == count).all(), (r, out.depths)
 
 
+def test_capacity_warm_up_follows_the_training_progress_it_is_given():
+    model = make("expert", capacity_warmup_steps=10).train()
+    ids = tokens(2, 24)
+    for progress, expected in ((0, [24, 24, 24]), (5, [24, 20, 16]), (10, [24, 16, 8]), (None, [24, 16, 8])):
+        model.set_training_progress(progress)
+        for _ in range(2):  # forwards leave the progress alone: the training loop owns it
+            depths = model(ids).depths
+            assert [int((depths >= r).sum(1)[0]) for r in (1, 2, 3)] == expected, progress
+
+
 def test_expert_choice_is_hierarchical_and_follows_router_scores():
     model = make(sharing="middle_cycle", num_recursions=3, router="expert")
     ids = tokens(1, 24)
@@ -170,10 +153,10 @@ def test_padding_rows_route_on_their_real_tokens_only():
     assert (out.depths >= 3).sum(1).tolist() == [6, 6]
 
 
-@pytest.mark.parametrize("variant", sorted(ALL_VARIANTS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_equals_rows_run_alone(variant, side):
-    model = make(**ALL_VARIANTS[variant])
+    model = make(variant)
     long, short = tokens(1, 20, seed=2), tokens(1, 13, seed=3)
     pad = torch.zeros(1, 7, dtype=torch.long)
     padded = torch.cat([pad, short], 1) if side == "left" else torch.cat([short, pad], 1)
@@ -191,15 +174,11 @@ def test_padded_batch_equals_rows_run_alone(variant, side):
         assert torch.equal(together.depths[1][mask[0].bool()], alone_short.depths[0])
 
 
-@pytest.mark.parametrize("variant", sorted(MOR_VARIANTS) + ["vanilla", "recursive_middle_cycle_share"])
+@pytest.mark.parametrize("variant", ROUTED_VARIANTS + ["vanilla", "recursive_middle_cycle_share"])
 def test_causal_mode_never_looks_ahead(variant):
-    model = make(**ALL_VARIANTS[variant])
+    model = make(variant)
     ids = tokens(2, 24)
-    # Make routers decisive so that the threshold splits tokens at every step.
-    if model.model.expert is not None:
-        for router in list(model.model.expert.routers) + list(model.model.expert.aux_routers):
-            for p in router.parameters():
-                p.data.mul_(40)
+    scale_routers(model, 40)  # decisive routers: the threshold splits tokens at every step
     with torch.no_grad():
         base = model(ids, routing="causal")
         depths = base.depths
@@ -215,7 +194,7 @@ def test_causal_mode_never_looks_ahead(variant):
 
 def test_topk_mode_does_look_ahead():
     # The contrast that makes the causal test meaningful: per-sequence top-k depends on later tokens.
-    model = make(**MOR_VARIANTS["expert"])
+    model = make("expert")
     for router in model.model.expert.routers:
         router.net.weight.data.mul_(40)
     ids = tokens(4, 24)
@@ -227,7 +206,7 @@ def test_topk_mode_does_look_ahead():
 
 
 def test_eval_defaults_to_causal_and_train_to_topk():
-    model = make(**MOR_VARIANTS["expert"])
+    model = make("expert")
     ids = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids).logits, model(ids, routing="causal").logits)
@@ -235,9 +214,20 @@ def test_eval_defaults_to_causal_and_train_to_topk():
         torch.testing.assert_close(model(ids).logits, model(ids, routing="topk").logits)
 
 
-@pytest.mark.parametrize("variant", sorted(MOR_VARIANTS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_routing_modes_are_the_modes_whose_forward_differs(variant):
+    # MoRConfig.routing_modes: what evaluation (mor eval, mor viz, training validation) runs a model in.
+    model = make(variant)
+    ids = tokens(4, 24)
+    with torch.no_grad():
+        topk, causal = model(ids, routing="topk"), model(ids, routing="causal")
+    differ = not torch.equal(topk.depths, causal.depths) or not torch.equal(topk.logits, causal.logits)
+    assert model.config.routing_modes == (("topk", "causal") if differ else (None,))
+
+
+@pytest.mark.parametrize("variant", ROUTED_VARIANTS)
 def test_training_gradients_reach_every_router_and_shared_weight(variant):
-    model = make(**MOR_VARIANTS[variant]).train()
+    model = make(variant).train()
     ids = tokens(2, 24)
     out = model(ids, labels=ids)
     out.loss.backward()
@@ -248,7 +238,7 @@ def test_training_gradients_reach_every_router_and_shared_weight(variant):
 
 
 def test_aux_router_is_trained_only_by_its_own_loss():
-    model = make(**MOR_VARIANTS["expert_aux_router"]).train()
+    model = make("expert_aux_router").train()
     ids = tokens(2, 24)
     out = model(ids, labels=ids)
     assert set(out.aux_losses) == {"aux_router_bce"}
@@ -261,7 +251,7 @@ def test_aux_router_is_trained_only_by_its_own_loss():
 
 
 def test_auxiliary_losses_and_coefficients():
-    model = make(**MOR_VARIANTS["expert"], z_loss_coeff=0.01).train()
+    model = make("expert", z_loss_coeff=0.01).train()
     ids = tokens()
     out = model(ids, labels=ids)
     assert set(out.aux_losses) == {"router_bce", "router_z"}
@@ -271,7 +261,7 @@ def test_auxiliary_losses_and_coefficients():
                   aux_loss_coeff=1.0).train()
     out = single(ids, labels=ids)
     assert out.aux_losses["router_bce"] > 0
-    token = make(**MOR_VARIANTS["token"], z_loss_coeff=0.001).train()
+    token = make("token", z_loss_coeff=0.001).train()
     out = token(ids, labels=ids)
     assert set(out.aux_losses) == {"balancing", "router_z"}
     load = out.router_stats["load"]
@@ -279,7 +269,7 @@ def test_auxiliary_losses_and_coefficients():
 
 
 def test_loss_free_balancing_bias_moves_towards_balance():
-    model = make(**MOR_VARIANTS["token"], balancing="loss_free", balancing_bias_rate=0.01).train()
+    model = make("token", balancing="loss_free", balancing_bias_rate=0.01).train()
     ids = tokens(4, 24)
     out = model(ids)
     load = out.router_stats["load"]
@@ -292,7 +282,7 @@ def test_loss_free_balancing_bias_moves_towards_balance():
 
 
 def test_max_recursions_caps_depth_and_extra_steps_are_skipped():
-    model = make(**MOR_VARIANTS["expert"])
+    model = make("expert")
     ids = tokens()
     with torch.no_grad():
         capped = model(ids, max_recursions=1, routing="topk")
@@ -316,7 +306,7 @@ def test_document_ids_block_attention_across_documents():
 # ---------------------------------------------------------------------------------------------- structure
 @pytest.mark.parametrize("variant", ["recursive_middle_cycle_share", "expert", "token"])
 def test_every_shared_weight_is_tied_by_storage(variant):
-    model = make(**ALL_VARIANTS[variant])
+    model = make(variant)
     plan = model.model.plan
     groups: dict[int, list[int]] = {}
     for position, layer in enumerate(plan.layer_of):
@@ -333,7 +323,7 @@ def test_every_shared_weight_is_tied_by_storage(variant):
 
 
 def test_kv_sharing_skips_key_value_projections_after_the_first_recursion():
-    model = make(**ALL_VARIANTS["recursive_middle_cycle_share"])
+    model = make("recursive_middle_cycle_share")
     calls = []
     for layer in model.model.layers:
         layer.self_attn.k_proj.register_forward_hook(lambda *_: calls.append(1))
@@ -344,7 +334,7 @@ def test_kv_sharing_skips_key_value_projections_after_the_first_recursion():
 
 
 def test_save_load_round_trip(tmp_path):
-    model = make(**MOR_VARIANTS["token"], balancing="loss_free")
+    model = make("token", balancing="loss_free")
     model.model.token.balancing_bias.fill_(0.25)
     model.save_pretrained(tmp_path)
     loaded = MoRForCausalLM.from_pretrained(tmp_path).eval()
@@ -354,6 +344,18 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert loaded.model.token.balancing_bias.eq(0.25).all()
+
+
+def test_checkpoints_with_the_retired_warm_up_count_still_load(tmp_path):
+    # Earlier versions kept the capacity warm-up count in the model (a buffer); the trainer keeps it now.
+    model = make("expert")
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({**state, "model.expert.num_training_forwards": torch.tensor(7)}, tmp_path / "model.safetensors")
+    loaded = MoRForCausalLM.from_pretrained(tmp_path).eval()
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_from_pretrained_refuses_bad_checkpoints(tmp_path):

@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_train_support import make_dataset, tiny_config
+from helpers import make_dataset, tiny_config
 
 import mor.data.tokenizer as tokenizer_module
 from mor import MoRConfig, MoRForCausalLM
@@ -91,6 +91,7 @@ def test_a_second_trainer_on_a_run_folder_in_use_is_refused(data, tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["run"]["seed"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_two_train_commands_on_one_run_folder_never_mix(data, tmp_path):
     config = tiny_config(data, tmp_path / "run", budget={"steps": 10_000}, run={"save_every": 0})

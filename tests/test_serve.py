@@ -14,8 +14,9 @@ import torch
 pytest.importorskip("starlette", reason="mor serve needs the serve extra: pip install 'mor[serve]'")
 pytest.importorskip("uvicorn", reason="mor serve needs the serve extra: pip install 'mor[serve]'")
 openai = pytest.importorskip("openai", reason="the client tests need the openai package (the dev extra)")
+pytestmark = pytest.mark.slow  # a server process
 
-from serve_support import (CONTEXT, END_TOKENS, ServerProcess, events, open_stream, render_chat,  # noqa: E402
+from helpers import (CONTEXT, END_TOKENS, ServerProcess, events, open_stream, render_chat,  # noqa: E402
                            wait_for, write_checkpoint)
 from tokenizers import Tokenizer  # noqa: E402
 
@@ -258,12 +259,11 @@ def test_a_missing_checkpoint_or_a_port_in_use_is_one_line_naming_the_fix(checkp
 
 # ---------------------------------------------------------------------------------------------- a small server
 @pytest.fixture
-def small_server(checkpoint, tmp_path):
-    """Starts servers of one row and a queue of one, with a tokenizer that has no chat template."""
+def small_server(tmp_path):
+    """Starts servers of one row and a queue of one, on the same model with a tokenizer that has no chat template."""
     folder = tmp_path / MODEL
     folder.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        (folder / name).write_bytes((checkpoint[0] / name).read_bytes())
+    write_checkpoint(folder, chat_template=False)
     servers = []
 
     def start(*options: str) -> ServerProcess:

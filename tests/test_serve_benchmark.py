@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 pytest.importorskip("uvicorn", reason="mor serve needs the serve extra: pip install 'mor[serve]'")
 pytest.importorskip("openai", reason="the benchmark's client is the openai package (the dev extra)")
+pytestmark = pytest.mark.slow  # starts processes
 
 
 def test_the_serving_benchmark_runs_on_the_cpu_and_writes_its_table(tmp_path):

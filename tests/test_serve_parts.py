@@ -6,8 +6,7 @@ import pytest
 
 pytest.importorskip("jinja2", reason="chat templates need the serve extra: pip install 'mor[serve]'")
 
-from serve_support import SPECIALS  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from helpers import byte_tokenizer, tokens  # noqa: E402
 
 from mor.serve.chat import ChatTemplateError, end_of_turn_token, load_chat_template  # noqa: E402
 from mor.serve.detokenize import Detokenizer  # noqa: E402
@@ -16,14 +15,7 @@ from mor.serve.metrics import Histogram, Metrics, parse  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """Byte-level, one token per byte: "é" is two tokens."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {**{t: i for i, t in enumerate(SPECIALS)}, **{c: i + len(SPECIALS) for i, c in enumerate(alphabet)}}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(SPECIALS)
-    return backend
+    return byte_tokenizer()
 
 
 def detokenizer(tokenizer, stop=()):
@@ -105,22 +97,22 @@ def test_metrics_render_prometheus_text_that_parses_back():
     assert samples["mor_time_per_output_token_seconds_sum"] == 0.5  # 1.5 s for the 3 tokens after the first
 
 
-def test_a_hugging_face_llama_folder_or_gguf_is_served_through_the_llama_import(tmp_path, tokenizer):
+def test_a_hugging_face_llama_folder_or_a_gguf_is_served_through_the_llama_import(tmp_path, tokenizer):
     pytest.importorskip("transformers", reason="the Llama reference needs the interop extra")
-    from test_interop import assert_same_logits, tiny_llama, tokens, write_gguf
+    from test_interop import assert_same_logits, tiny_llama, write_gguf
 
-    from mor.serve.cli import load_model
+    from mor.serve.server import load_served_model
 
     hf = tiny_llama(vocab_size=320, eos_token_id=4)
     hf.save_pretrained(tmp_path / "llama")
     with pytest.raises(FileNotFoundError, match="--tokenizer"):
-        load_model(str(tmp_path / "llama"), None, "cpu", "auto")
+        load_served_model(str(tmp_path / "llama"), None, "cpu", "auto")
     tokenizer.save(str(tmp_path / "llama" / "tokenizer.json"))
-    model, text_tokenizer = load_model(str(tmp_path / "llama"), None, "cpu", "auto")
+    model, text_tokenizer = load_served_model(str(tmp_path / "llama"), None, "cpu", "auto")
     assert_same_logits(model, hf, tokens())
     assert text_tokenizer.vocab_size == tokenizer.get_vocab_size()
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate", reason="transformers reads GGUF only with accelerate installed")
     write_gguf(hf, tmp_path / "tiny.gguf")
-    model, _ = load_model(str(tmp_path / "tiny.gguf"), str(tmp_path / "llama"), "cpu", "auto")
+    model, _ = load_served_model(str(tmp_path / "tiny.gguf"), str(tmp_path / "llama"), "cpu", "auto")
     assert_same_logits(model, hf, tokens())

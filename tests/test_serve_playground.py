@@ -14,14 +14,15 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-from serve_support import END_TOKENS, ServerProcess, write_checkpoint  # noqa: E402
+from helpers import END_TOKENS, ServerProcess, write_checkpoint  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 from mor.infer.streaming import depth_palette  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="the browser test needs Chromium and its "
-                                "driver: apt-get install chromium chromium-driver")
+pytestmark = [pytest.mark.slow,  # a server process and a browser
+              pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="the browser test needs Chromium and its "
+                                 "driver: apt-get install chromium chromium-driver")]
 PROMPT = "Once upon a time"
 
 

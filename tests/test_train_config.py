@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import CONFIGS
 
 from mor.cli import main
 from mor.train.budget import resolve_budget
@@ -15,10 +15,6 @@ from mor.train.config import (ConfigError, RunConfig, ScheduleConfig, apply_over
                               load_config)
 from mor.train.optim import build_optimizer, parameter_groups
 from mor.train.schedule import decay_steps, lr_multiplier, warmup_steps
-
-REPO = Path(__file__).resolve().parent.parent
-CONFIGS = REPO / "configs"
-
 
 def minimal(**sections) -> dict:
     config = {"model": {"preset": "tiny"}, "data": {"path": "somewhere"}, "budget": {"steps": 10}}
@@ -139,7 +135,7 @@ def test_flop_budget_converts_to_tokens_then_steps():
                                       batch={"micro_batch_size": 4, "grad_accum": 3}))
     budget = resolve_budget(config, config.model_config(), world_size=2)
     assert budget.tokens_per_step == 4 * 3 * 2 * 64
-    from mor.flops import forward_flops_per_token
+    from mor.model.flops import forward_flops_per_token
     per_token = forward_flops_per_token(config.model_config(), seq_len=64)
     assert budget.steps == math.ceil(1e12 / per_token / budget.tokens_per_step)
     assert budget.flops >= 1e12 > budget.flops - budget.tokens_per_step * per_token
@@ -182,9 +178,16 @@ def test_small_configs_share_one_flop_budget():
     assert budgets["mor-expert-3"].tokens > budgets["recursive-3"].tokens  # routing buys more tokens
 
 
-def test_quickstart_config_is_valid():
+def test_quickstart_config_trains_the_quickstart_model_on_the_bundled_sample():
+    # configs/quickstart.yaml is the `mor quickstart` model, sized for the bundled tokenizer and its own rows.
+    from mor.cli.quickstart import QUICKSTART_MODEL
+    from mor.data import load_tokenizer, sample_tokenizer_path
+
     config = load_config(CONFIGS / "quickstart.yaml")
-    assert config.model_config().router == "expert"
+    assert config.model == QUICKSTART_MODEL
+    model = config.model_config()
+    assert model.vocab_size == load_tokenizer(sample_tokenizer_path()).vocab_size
+    assert config.data.seq_len == model.max_position_embeddings
 
 
 def test_cli_dry_run_and_error_exit_codes(tmp_path, capsys):

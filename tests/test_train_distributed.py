@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_train_support import make_dataset, tiny_config
+from helpers import make_dataset, tiny_config
 
 from mor import MoRForCausalLM
 from mor.train import Trainer, train
@@ -59,11 +59,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, data, out_dir, strategy: str) -> None:
+def _worker(rank: int, world_size: int, port: int, data, out_dir, strategy: str, model: dict | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)  # a fresh process: tiny models run faster on one thread
-    train(tiny_config(data, out_dir, **{**SECTIONS, "run": {**SECTIONS["run"], "strategy": strategy}}))
+    run = {**SECTIONS["run"], "strategy": strategy}
+    train(tiny_config(data, out_dir, **{**SECTIONS, "run": run, "model": model or {}}))
 
 
 @pytest.fixture(scope="module")
@@ -74,20 +75,38 @@ def single(tmp_path_factory):
     return data, read_metrics(root / "run")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one(single, tmp_path, strategy):
     data, expected = single
     run = _with_one_retry(lambda directory: _run_two(_worker, data, directory, strategy), tmp_path)
     got = read_metrics(run)
-    assert [m["step"] for m in got] == [m["step"] for m in expected]
-    for mine, theirs in zip(got, expected):
-        for key in ("loss", "lm_loss", "grad_norm", "val/nll_topk", "val/nll_causal"):
-            if key in theirs:
-                assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (mine["step"], key)
-        assert mine["tokens"] == theirs["tokens"]  # tokens count every rank
+    assert_same_curve(got, expected)
     assert sum("loss" in m for m in got) == 4 and sum("val/nll_topk" in m for m in got) == 2
     model = MoRForCausalLM.from_pretrained(latest_checkpoint(run))  # the tied head stored once, whatever the wrapper
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.slow
+def test_two_processes_balance_token_choice_loads_as_one(single, tmp_path):
+    # Loss-free balancing: the trainer sums the loads of both ranks, so each moves its bias as one process does.
+    data, _ = single
+    model = {"router": "token", "balancing": "loss_free", "balancing_bias_rate": 0.05, "num_recursions": 3}
+    one = train(tiny_config(data, tmp_path / "one", **SECTIONS, model=model))
+    run = _with_one_retry(lambda directory: _run_two(_worker, data, directory, "ddp", model), tmp_path)
+    assert_same_curve(read_metrics(run), read_metrics(tmp_path / "one"))
+    biases = [MoRForCausalLM.from_pretrained(c).model.token.balancing_bias for c in (one.checkpoint,
+                                                                                     latest_checkpoint(run))]
+    assert torch.equal(biases[1], biases[0])
+
+
+def assert_same_curve(got: list[dict], expected: list[dict]) -> None:
+    assert [m["step"] for m in got] == [m["step"] for m in expected]
+    for mine, theirs in zip(got, expected):
+        for key in ("loss", "lm_loss", "grad_norm", "val/nll", "val/nll_topk", "val/nll_causal"):
+            if key in theirs:
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (mine["step"], key)
+        assert mine["tokens"] == theirs["tokens"]  # tokens count every rank
 
 
 def _worker_crashing(rank: int, world_size: int, port: int, data, out_dir, strategy: str, crash_at: int | None,
@@ -108,6 +127,7 @@ def _worker_crashing(rank: int, world_size: int, port: int, data, out_dir, strat
     train(tiny_config(data, out_dir, **{**SECTIONS, "run": run}), resume=resume)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_resume_exactly(single, tmp_path, strategy):
     data, expected = single

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train_support import make_dataset, tiny_config
+from helpers import make_dataset, tiny_config
 
 from mor import MoRForCausalLM
 from mor.train import ConfigError, Trainer, TrainingDiverged, train
@@ -54,7 +55,8 @@ def test_accumulation_split_does_not_change_training(data, tmp_path):
 
 
 @pytest.mark.parametrize("model", [
-    {"expert_sampling": "aux_router"},  # expert-choice with the auxiliary router's own param group
+    # expert-choice with the auxiliary router's own param group, resumed in the middle of the capacity warm-up
+    {"expert_sampling": "aux_router", "capacity_warmup_steps": 16},
     {"router": "token", "balancing": "loss_free"},  # the balancing bias buffer must be restored
     {"router": "token", "random_router": True},  # random depths: the RNG state must be restored
 ], ids=["expert-aux-router", "token-loss-free", "random-router"])
@@ -182,6 +184,18 @@ def test_run_directory_records_everything(finished):
     assert model.config.to_dict() == config.model_config().to_dict()
     tokenizer = checkpoint / "tokenizer.json"
     assert tokenizer.read_bytes() == (Path(config.data.path) / "tokenizer.json").read_bytes()
+
+
+def test_training_checkpoints_and_save_pretrained_write_the_same_files(finished, tmp_path):
+    # One writer of the format (mor.model.io): re-saving a checkpoint's model gives the same files.
+    _, checkpoint = finished
+    saved = tmp_path / "saved"
+    MoRForCausalLM.from_pretrained(checkpoint).save_pretrained(saved)
+    assert (saved / "config.json").read_bytes() == (checkpoint / "config.json").read_bytes()
+    with safe_open(saved / "model.safetensors", "pt") as ours, \
+            safe_open(checkpoint / "model.safetensors", "pt") as theirs:
+        assert ours.metadata() == theirs.metadata() and list(ours.keys()) == list(theirs.keys())
+        assert all(torch.equal(ours.get_tensor(name), theirs.get_tensor(name)) for name in theirs.keys())
 
 
 def test_init_from_starts_from_a_saved_model(data, tmp_path):

@@ -10,13 +10,14 @@ import time
 
 import pytest
 import yaml
-from test_train_support import make_dataset, tiny_config
+from helpers import make_dataset, tiny_config
 
 from mor.train import Trainer
 from mor.train.checkpoint import latest_checkpoint, verify_checkpoint
 from mor.train.run_log import METRICS_FILE, read_metrics
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     data = make_dataset(tmp_path)

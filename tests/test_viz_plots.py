@@ -13,7 +13,7 @@ from matplotlib.image import imread  # noqa: E402
 from mor import MoRConfig, MoRForCausalLM  # noqa: E402
 from mor.cli import main  # noqa: E402
 from mor.data import sample_tokenizer_path  # noqa: E402
-from mor.flops import forward_flops_per_token  # noqa: E402
+from mor.model.flops import forward_flops_per_token  # noqa: E402
 from mor.viz.bench import load_bench, normalise, plot_throughput_vs_nll  # noqa: E402
 from mor.viz.runs import flops_per_token, load_run, plot_loss_curves, plot_nll_vs_flops  # noqa: E402
 

@@ -8,32 +8,21 @@ import re
 
 import pytest
 import torch
+from helpers import make, scale_routers, tokens
 
 pytest.importorskip("matplotlib")
 
-from mor import MoRConfig, MoRForCausalLM  # noqa: E402
+from mor import MoRForCausalLM  # noqa: E402
 from mor.data import load_tokenizer, sample_tokenizer_path  # noqa: E402
 from mor.viz import depth_tokens, metrics  # noqa: E402
 from mor.viz.depth_text import DepthSection, depth_html, depth_png, token_pieces  # noqa: E402
-from mor.viz.report import depth_text_report, routing_modes, routing_stats_report  # noqa: E402
+from mor.viz.report import depth_text_report, routing_stats_report  # noqa: E402
 from mor.viz.trace import depth_scaling, trace  # noqa: E402
 
-VOCAB = 256
 
-
-def make(**overrides) -> MoRForCausalLM:
-    """A tiny model whose routers have large weights, so their decisions are far from the threshold."""
-    torch.manual_seed(0)
-    model = MoRForCausalLM(MoRConfig.from_preset("tiny", sharing="middle_cycle", num_recursions=3, **overrides))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "router" in name:
-                param.mul_(300)
-    return model.eval()
-
-
-def rows(n: int = 4, seq_len: int = 24, seed: int = 1) -> torch.Tensor:
-    return torch.randint(1, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+def decisive(variant: str, **overrides) -> MoRForCausalLM:
+    """Routers with large weights, whose decisions lie far from the threshold."""
+    return scale_routers(make(variant, **overrides), 300)
 
 
 # ---------------------------------------------------------------------------------------------- hand-made metrics
@@ -81,8 +70,8 @@ def test_load_balance_and_entropy_of_hand_made_assignments():
 # ---------------------------------------------------------------------------------------------- traces
 @pytest.mark.parametrize("sampling", ["aux_loss", "aux_router"])
 def test_expert_trace_metrics_equal_the_model_statistics(sampling):
-    model = make(router="expert", expert_sampling=sampling)
-    ids = rows()
+    model = decisive("expert", expert_sampling=sampling)
+    ids = tokens(4, 24)
     with torch.no_grad():
         out = model(ids, routing="topk")
     result = trace(model, ids, "topk", batch_size=len(ids))
@@ -99,8 +88,8 @@ def test_expert_trace_metrics_equal_the_model_statistics(sampling):
 def test_causal_trace_places_each_score_at_its_token():
     """In causal mode a token runs step s+1 exactly when its step-(s+1) score passes the threshold, so the scores
     the trace places at each position must reproduce the depths."""
-    model = make(router="expert")
-    result = trace(model, rows(), "causal", batch_size=3)  # 3 does not divide 4 rows: a ragged last batch
+    model = decisive("expert")
+    result = trace(model, tokens(4, 24), "causal", batch_size=3)  # 3 does not divide 4 rows: a ragged last batch
     assert len(result.scores) == 3
     for step in (1, 2):  # step 0 has capacity 1: everyone runs it
         scores = result.scores[step]
@@ -114,8 +103,8 @@ def test_causal_trace_places_each_score_at_its_token():
 
 
 def test_token_choice_trace_metrics_equal_the_model_statistics():
-    model = make(router="token")
-    ids = rows()
+    model = decisive("token")
+    ids = tokens(4, 24)
     with torch.no_grad():
         out = model(ids)
     result = trace(model, ids, None, batch_size=len(ids))
@@ -129,8 +118,8 @@ def test_token_choice_trace_metrics_equal_the_model_statistics():
 
 @pytest.mark.parametrize("routing", ["topk", "causal"])
 def test_depth_scaling_caps_the_recursions(routing):
-    model = make(router="expert")
-    ids = rows()
+    model = decisive("expert")
+    ids = tokens(4, 24)
     curve = depth_scaling(model, ids, routing, batch_size=2)
     assert len(curve) == model.config.num_recursions
     with torch.no_grad():
@@ -142,17 +131,9 @@ def test_depth_scaling_caps_the_recursions(routing):
 
 
 def test_depth_scaling_refuses_models_that_cannot_cap_depth():
-    model = MoRForCausalLM(MoRConfig.from_preset("tiny")).eval()
+    model = make()
     with pytest.raises(ValueError, match="sharing"):
-        depth_scaling(model, rows())
-
-
-def test_routing_modes():
-    assert routing_modes(make(router="expert")) == ["topk", "causal"]
-    assert routing_modes(make(router="expert"), "causal") == ["causal"]
-    assert routing_modes(make(router="token")) == [None]
-    with pytest.raises(ValueError, match="routing"):
-        routing_modes(make(router="expert"), "greedy")
+        depth_scaling(model, tokens(4, 24))
 
 
 # ---------------------------------------------------------------------------------------------- depth text
@@ -172,7 +153,7 @@ def test_token_pieces_spell_the_text(tokenizer):
 
 
 def test_depth_html_marks_every_token_with_its_depth(tokenizer):
-    model = make(router="expert", vocab_size=tokenizer.vocab_size)
+    model = decisive("expert", vocab_size=tokenizer.vocab_size)
     ids, pieces = token_pieces(tokenizer, TEXT)
     depths = trace(model, torch.tensor([ids]), "causal").depths[0].tolist()
     assert len(set(depths)) > 1
@@ -188,8 +169,8 @@ def test_depth_html_marks_every_token_with_its_depth(tokenizer):
 
 
 def test_depth_text_report_writes_html_png_and_json(tokenizer, tmp_path):
-    model = make(router="expert", vocab_size=tokenizer.vocab_size)
-    depths = depth_text_report(model, tokenizer, TEXT, tmp_path, routing_modes(model))
+    model = decisive("expert", vocab_size=tokenizer.vocab_size)
+    depths = depth_text_report(model, tokenizer, TEXT, tmp_path, list(model.config.routing_modes))
     assert set(depths) == {"topk", "causal"}
     saved = json.loads((tmp_path / "depth.json").read_text())
     assert saved["depths"] == depths and "".join(saved["pieces"]) == TEXT
@@ -213,17 +194,17 @@ def test_depth_png_wraps_long_text(tmp_path):
 # ---------------------------------------------------------------------------------------------- statistics report
 @pytest.mark.parametrize("router", ["expert", "token"])
 def test_routing_stats_report(router, tokenizer, tmp_path):
-    model = make(router=router)
-    ids = rows(n=3, seq_len=32)
-    results = routing_stats_report(model, tokenizer, ids, tmp_path, routing_modes(model), top=5, batch_size=2,
-                                   progress=False)
+    model = decisive(router)
+    ids = tokens(3, 32)
+    results = routing_stats_report(model, tokenizer, ids, tmp_path, list(model.config.routing_modes), top=5,
+                                   batch_size=2, progress=False)
     names = ["topk", "causal"] if router == "expert" else ["default"]
     assert list(results["modes"]) == names
     for name in names:
         data = json.loads((tmp_path / f"depth_by_token_{name}.json").read_text())
-        tokens = data["tokens"]
-        assert sum(t["count"] for t in tokens) == ids.numel()  # fewer than 200 distinct tokens: all listed
-        assert all(sum(t["depth_counts"]) == t["count"] for t in tokens)
+        records = data["tokens"]
+        assert sum(t["count"] for t in records) == ids.numel()  # fewer than 200 distinct tokens: all listed
+        assert all(sum(t["depth_counts"]) == t["count"] for t in records)
         assert (tmp_path / f"depth_by_token_{name}.png").stat().st_size > 0
         assert "| # | depth 1 |" in (tmp_path / f"depth_by_token_{name}.md").read_text()
     saved = json.loads((tmp_path / "routing_metrics.json").read_text())

@@ -25,6 +25,7 @@ EXPERT_SAMPLING = ("aux_loss", "aux_router")
 BALANCING = ("loss", "loss_free", "none")
 TOKEN_GATING = ("exit", "every")
 ROUTING_MODES = ("topk", "causal")
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtypes that weights are loaded or written in
 # Up-training a vanilla model into a recursive one (mor.interop.recursive): the sharing strategies it supports
 # and which original layers initialise the shared block.
 RECURSIVE_SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
@@ -121,7 +122,27 @@ class MoRConfig:
 
     @property
     def is_middle(self) -> bool:
+        """Middle-* sharing: the first and last layer stay unique, outside the shared block."""
         return self.sharing in ("middle_cycle", "middle_sequence")
+
+    @property
+    def is_cycle(self) -> bool:
+        """Cycle sharing: each recursion step applies the whole block once, so routers can act between steps
+        and the depth can be capped or extended. Sequence sharing repeats single layers in one step."""
+        return self.sharing in ("cycle", "middle_cycle")
+
+    @property
+    def depth_per_step(self) -> int:
+        """Recursion depth that one step of the layer plan counts for: 1 with cycle sharing (and vanilla), every
+        recursion with sequence sharing, whose one step repeats each layer ``Nr`` times."""
+        return 1 if self.is_cycle else self.num_recursions
+
+    @property
+    def routing_modes(self) -> tuple[str | None, ...]:
+        """The routing modes in which to evaluate the model: "topk" (the paper's per-sequence selection) and
+        "causal" (the per-token decisions of decoding) for expert-choice, the only scheme whose forward depends
+        on the mode; ``(None,)`` (the default forward) for every other model."""
+        return ROUTING_MODES if self.router == "expert" else (None,)
 
     @property
     def num_unique_layers(self) -> int:
@@ -215,7 +236,7 @@ class MoRConfig:
                     f"least 3 layers, got {self.num_hidden_layers}")
 
         if self.router != "none":
-            if self.sharing not in ("cycle", "middle_cycle"):
+            if not self.is_cycle:
                 bad("router", f"routing between recursions needs a block that is applied as a whole per step; "
                     f"sharing {self.sharing!r} repeats single layers; use 'middle_cycle' or 'cycle'")
             func = self.gate_func

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 from mor._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from mor.data.masks import document_block_mask, document_ids, document_mask, document_mask_mod
-    from mor.data.packing import PackedBatches, sequential_batches
+    from mor.data.packing import PackedBatches, document_ids, sequential_batches
     from mor.data.prepare import prepare, token_dtype
     from mor.data.sample import prepare_sample, sample_corpus_paths, sample_tokenizer_path
     from mor.data.shards import TokenShards, read_index
@@ -20,14 +19,12 @@ if TYPE_CHECKING:
     from mor.data.tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
-    "DataError", "PackedBatches", "Source", "TextTokenizer", "TokenShards", "document_block_mask", "document_ids",
-    "document_mask", "document_mask_mod", "iter_documents", "load_tokenizer", "parse_source", "prepare",
-    "prepare_sample", "read_index", "sample_corpus_paths", "sample_tokenizer_path", "sequential_batches",
-    "token_dtype", "train_tokenizer",
+    "DataError", "PackedBatches", "Source", "TextTokenizer", "TokenShards", "document_ids", "iter_documents",
+    "load_tokenizer", "parse_source", "prepare", "prepare_sample", "read_index", "sample_corpus_paths",
+    "sample_tokenizer_path", "sequential_batches", "token_dtype", "train_tokenizer",
 ]
 lazy_exports(__name__, {
-    "mor.data.masks": ("document_block_mask", "document_ids", "document_mask", "document_mask_mod"),
-    "mor.data.packing": ("PackedBatches", "sequential_batches"),
+    "mor.data.packing": ("PackedBatches", "document_ids", "sequential_batches"),
     "mor.data.prepare": ("prepare", "token_dtype"),
     "mor.data.sample": ("prepare_sample", "sample_corpus_paths", "sample_tokenizer_path"),
     "mor.data.shards": ("TokenShards", "read_index"),

@@ -13,10 +13,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from mor.data.masks import document_ids
 from mor.data.shards import TokenShards
 
 Batch = dict[str, torch.Tensor]
+
+
+def document_ids(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Per-token document number within each row: 0 up to and including the first end-of-document token,
+    then 1, and so on. The end-of-document token belongs to the document it ends. The model attends only within
+    equal numbers (``model(input_ids, document_ids=...)``)."""
+    is_eos = (input_ids == eos_token_id).long()
+    return is_eos.cumsum(dim=-1) - is_eos
 
 
 def _make_batch(shards: TokenShards, rows: np.ndarray, seq_len: int, document_masking: bool, eos: int) -> Batch:
@@ -44,7 +51,7 @@ class PackedBatches:
     ends with a smaller batch.
 
     Batches are dicts of LongTensors ``[B, T]``: ``input_ids``, ``labels`` (equal to ``input_ids``) and, with
-    ``document_masking``, ``document_ids`` (see :func:`mor.data.masks.document_ids`).
+    ``document_masking``, ``document_ids`` (see :func:`document_ids`).
     """
 
     def __init__(self, shards: TokenShards, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,

@@ -17,6 +17,7 @@ from mor.outputs import writable_file
 
 # Tried in this order when no end-of-document token is named. SmolLM2 and GPT-2 use "<|endoftext|>" between
 # pretraining documents (its Instruct tokenizer_config names "<|im_end|>" as eos, which is for chat turns).
+TOKENIZER_FILE = "tokenizer.json"
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 # The library needs about 100 bytes per character of one input (a 20 MB one-line document took 2.8 GB), so longer
 # documents are tokenized in pieces of about this many characters (see _pieces).
@@ -32,7 +33,7 @@ _PROBE = ("It's 2024:  a test,\tof 12 cuts ½ Ⅳ  3;\nnew line \n word (x=1, y 
 def resolve_tokenizer_file(path: str | Path) -> Path:
     """The ``tokenizer.json`` at ``path``: the file itself or the one inside a folder."""
     path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
+    file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}: give a tokenizer.json file or a folder that holds one")
     return file
@@ -144,7 +145,7 @@ def train_tokenizer(corpus_sources: Sequence[str | Path], vocab_size: int, out_p
         raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
                          f"{len(alphabet) + 1} tokens (256 bytes and {eos_token!r})")
     out_path = Path(out_path)
-    file = out_path if out_path.suffix == ".json" else out_path / "tokenizer.json"
+    file = out_path if out_path.suffix == ".json" else out_path / TOKENIZER_FILE
     writable_file(file, "--out")  # before the corpus is read, not after
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([

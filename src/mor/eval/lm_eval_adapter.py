@@ -26,8 +26,8 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from mor.data.tokenizer import load_tokenizer
-from mor.eval.checkpoint import load_checkpoint
 from mor.eval.scoring import eos_token_id, loglikelihoods, model_device, pad_token_id, routing_kwargs
+from mor.pretrained import load_model_and_tokenizer, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +48,14 @@ class MoRLM(TemplateLM):
         super().__init__()
         if routing not in (None, "topk", "causal"):
             raise ValueError(f"routing must be 'topk' or 'causal', got {routing!r}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device or "auto")
         if isinstance(pretrained, torch.nn.Module):
             if tokenizer is None:
                 raise ValueError("a model object needs its tokenizer: pass tokenizer=<tokenizer.json or Tokenizer>")
             self.model = pretrained.eval()
             self._tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer).backend
         else:
-            self.model, text_tokenizer = load_checkpoint(pretrained, tokenizer, device, dtype)
+            self.model, text_tokenizer = load_model_and_tokenizer(pretrained, tokenizer, device, dtype)
             self._tokenizer = text_tokenizer.backend
         if routing is None and self.model.config.router != "none":
             routing = self.model.config.routing_mode_eval  # scoring and generation follow the same mode

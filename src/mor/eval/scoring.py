@@ -112,16 +112,6 @@ def loglikelihoods(
     return results
 
 
-def routing_modes(model: torch.nn.Module, requested: str = "both") -> list[str | None]:
-    """The routing modes to evaluate: both for a routed MoR model (``"topk"`` is the paper's per-sequence
-    selection, ``"causal"`` the per-token decisions used in decoding); ``[None]`` for a model without router."""
-    if requested not in ("both", "topk", "causal"):
-        raise ValueError(f"routing must be 'both', 'topk' or 'causal', got {requested!r}")
-    if getattr(getattr(model, "config", None), "router", "none") == "none":
-        return [None]
-    return ["topk", "causal"] if requested == "both" else [requested]
-
-
 def pad_token_id(model: torch.nn.Module) -> int:
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     return 0 if pad is None else pad

@@ -108,6 +108,9 @@ class Engine:
     ``torch.compile`` (default: with CUDA graphs); ``kernel``: paged attention by the Triton kernel rather than a
     padded gather (default: on CUDA when Triton is there); ``lockstep``: switch depth-wise batching off, for
     comparison (the tokens of the batch leave the block together, once the deepest is done).
+
+    The engine puts ``model`` in eval mode (inference routing) and leaves it there for as long as it serves: call
+    ``model.train()`` to train the model again after serving.
     """
 
     def __init__(self, model: nn.Module, max_batch_slots: int = 32, max_seq_len: int | None = None,

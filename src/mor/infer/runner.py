@@ -146,7 +146,7 @@ class Runner:
         # Every step a row may run; each row has its own cap (CAP: max_recursions, extra_recursions per request).
         self.steps = inner.recursion_steps(None, extra_recursions)
         # Depth reported per block pass: a sequence-shared block repeats each layer Nr times in one pass.
-        self.depth_unit = 1 if cfg.sharing in ("none", "cycle", "middle_cycle") else cfg.num_recursions
+        self.depth_unit = cfg.depth_per_step
         self.cache = PagedCache.for_model(model, rows, max_seq_len, page_size, num_pages, extra_recursions)
         self.pool, self.pages = self.cache.pool, self.cache.pages
         stream = self.cache.stream

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 
 def register_auto_classes() -> None:
     """Make ``transformers.AutoModelForCausalLM.from_pretrained`` load MoR checkpoints (``model_type="mor"``)."""
-    import mor.interop.hf  # noqa: F401 - registers on import
+    from mor.interop.hf import register
+
+    register()
 
 
 __all__ = ["INITS", "UnsupportedCheckpointError", "export_hf", "load_hf_llama", "register_auto_classes",

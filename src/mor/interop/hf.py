@@ -1,11 +1,13 @@
 """``transformers`` Auto classes for MoR checkpoints.
 
-Importing this module registers ``model_type="mor"`` with ``AutoConfig`` and ``AutoModelForCausalLM``, so a folder
-written by ``MoRForCausalLM.save_pretrained`` (config.json with ``"model_type": "mor"``, weights ``model.*`` and
-``lm_head.*`` in model.safetensors) loads with ``AutoModelForCausalLM.from_pretrained(folder)``::
+:func:`register` (``mor.interop.register_auto_classes()``) registers ``model_type="mor"`` with ``AutoConfig`` and
+``AutoModelForCausalLM``, so that a folder written by ``MoRForCausalLM.save_pretrained`` (config.json with
+``"model_type": "mor"``, weights ``model.*`` and ``lm_head.*`` in model.safetensors) loads with
+``AutoModelForCausalLM.from_pretrained(folder)``. Importing this module registers nothing::
 
-    import mor.interop.hf  # or mor.interop.register_auto_classes()
+    from mor.interop import register_auto_classes
     from transformers import AutoModelForCausalLM
+    register_auto_classes()
     model = AutoModelForCausalLM.from_pretrained("checkpoints/mor-135m")
     logits = model(input_ids).logits
 
@@ -119,8 +121,5 @@ def register() -> None:
     try:
         AutoConfig.register("mor", MoRHFConfig)
         AutoModelForCausalLM.register(MoRHFConfig, MoRHFForCausalLM)
-    except ValueError:  # already registered by an earlier import
+    except ValueError:  # already registered by an earlier call
         pass
-
-
-register()

@@ -13,6 +13,7 @@ a ``LlamaForCausalLM`` folder: recursive models are unrolled into one copy of ea
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN = "pytorch_model.bin"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
 
 class UnsupportedCheckpointError(ValueError):
@@ -142,6 +145,27 @@ def load_hf_llama(path: str | Path, dtype: torch.dtype | None = None) -> MoRForC
     model = MoRForCausalLM(config)
     _load_llama_state(model, state, str(path))
     return model.to(dtype or torch.float32).eval()
+
+
+def load_any_model(path: str | Path) -> MoRForCausalLM:
+    """A mor checkpoint folder (``model_type`` "mor" in its config.json), a Hugging Face Llama folder or a GGUF
+    file as a model in eval mode."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "mor":
+        return MoRForCausalLM.from_pretrained(path).eval()
+    return load_hf_llama(path)
+
+
+def copy_tokenizer_files(source: Path, out: Path) -> list[str]:
+    """Copy the tokenizer files found at ``source`` (a folder, or a tokenizer.json) into ``out``; their names."""
+    files = [source] if source.is_file() else [source / name for name in TOKENIZER_FILES]
+    copied = []
+    for file in files:
+        if file.is_file():
+            shutil.copyfile(file, out / file.name)
+            copied.append(file.name)
+    return copied
 
 
 def _read_weights(folder: Path) -> dict[str, Tensor]:

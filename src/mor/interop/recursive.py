@@ -55,7 +55,7 @@ def source_layers(config: MoRConfig, init: str, seed: int = 0) -> list[list[int]
     if init == "random":
         chosen = sorted(_random.Random(seed).sample(range(first, last + 1), block))
         return [[layer] for layer in chosen]
-    cycles = config.sharing in ("cycle", "middle_cycle")
+    cycles = config.is_cycle
     groups: list[list[int]] = [[] for _ in range(block)]
     for j in range(count):
         groups[j % block if cycles else j // nr].append(first + j)

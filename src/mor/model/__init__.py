@@ -1,4 +1,5 @@
-"""The Mixture-of-Recursions model: layers, sharing plans, routers and the causal language model."""
+"""The Mixture-of-Recursions model: layers, sharing plans, routers, the causal language model, its checkpoint
+files (:mod:`mor.model.io`) and its FLOP count (:mod:`mor.model.flops`)."""
 
 from typing import TYPE_CHECKING
 

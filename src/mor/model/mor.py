@@ -11,7 +11,6 @@ keys/values that the first application of the same layer computed for every toke
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -21,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mor.config import ROUTING_MODES, MoRConfig
-from mor.integrity import CheckpointError, save_safetensors, verify_manifest, weight_problem
+from mor.integrity import verify_manifest
+from mor.model import io
 from mor.model.kv_cache import KVCache
 from mor.model.layers import KV, DecoderLayer, RMSNorm, RotaryEmbedding, TokenLayout, allowed_attention
 from mor.model.routing import ExpertChoice, RoutingResult, Selection, TokenChoice, pack
@@ -29,9 +29,6 @@ from mor.model.sharing import LayerPlan, layer_plan
 
 if TYPE_CHECKING:
     from mor.infer.generate import GenerationOutput
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
@@ -81,7 +78,7 @@ class MoRModel(nn.Module):
         """Unrolled positions of each recursion step a forward runs: all trained steps, the first
         ``max_recursions`` of them, or ``extra_recursions`` more (test-time depth). A block that is not applied
         as a whole per step (sequence sharing) has one step, which ``max_recursions`` does not cut."""
-        cycles = self.config.sharing in ("cycle", "middle_cycle")
+        cycles = self.config.is_cycle
         if max_recursions is not None and max_recursions < 1:
             raise ValueError(f"max_recursions must be at least 1, got {max_recursions}")
         if extra_recursions:
@@ -143,16 +140,13 @@ class MoRModel(nn.Module):
             for step in steps:
                 for position in step:
                     hidden = self._run(position, hidden, rope, mask, layout, kvs, cache)
-            cycles = self.config.sharing in ("none", "cycle", "middle_cycle")
-            depth = len(steps) if cycles else self.config.num_recursions
+            depth = len(steps) * self.config.depth_per_step
             depths = torch.full((batch, seq_len), depth, dtype=torch.long, device=input_ids.device)
             if layout.valid is not None:
                 depths = depths.masked_fill(~layout.valid, 0)
 
         for position in self.plan.coda:
             hidden = self._run(position, hidden, rope, mask, layout, kvs, cache)
-        if self.expert is not None and self.training and routing == "topk":
-            self.expert.num_training_forwards += 1
         return self.norm(hidden), depths, result
 
     def _run(
@@ -336,11 +330,27 @@ class MoRForCausalLM(nn.Module):
             out.loss = out.lm_loss + sum(routed.losses.values(), torch.zeros((), device=logits.device))
         return out
 
-    # ------------------------------------------------------------------ routers
-    def update_balancing_bias(self) -> None:
-        """Loss-free balancing update (token-choice); call after each optimizer step. No-op otherwise."""
-        if self.model.token is not None and self.config.balancing == "loss_free":
-            self.model.token.update_balancing_bias()
+    # ------------------------------------------------------------------ routers (upkept by the training loop)
+    def set_training_progress(self, forwards: int | None) -> None:
+        """Training forward passes (micro-batches) done so far, which set the expert-choice capacities during the
+        warm-up (``capacity_warmup_steps``); the trainer calls it before each forward. None, the default, means
+        warmed up: the configured capacities. No-op for other models."""
+        if self.model.expert is not None:
+            self.model.expert.training_progress = forwards
+
+    def balancing_loads(self) -> Tensor | None:
+        """The tokens routed to each depth in training forwards since the last :meth:`update_balancing_bias`
+        (loss-free token-choice balancing), or None for other models."""
+        if self.model.token is None or self.config.balancing != "loss_free":
+            return None
+        return self.model.token.load_counts
+
+    def update_balancing_bias(self, loads: Tensor | None = None) -> None:
+        """Loss-free balancing update (token-choice); call after each optimizer step with ``loads``, the
+        :meth:`balancing_loads` summed over every process (default: this process's). No-op for other models."""
+        own = self.balancing_loads()
+        if own is not None:
+            self.model.token.update_balancing_bias(own if loads is None else loads)
 
     def aux_router_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the auxiliary routers (trained only by their own BCE; own optimizer settings)."""
@@ -349,10 +359,12 @@ class MoRForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> "GenerationOutput":
-        """Decode with KV caches and causal routing; arguments and result as :func:`mor.infer.generate.generate`
-        (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
-        ``stop_strings`` + ``tokenizer``, ``seed``, ``streamer``, ``max_recursions``, ``extra_recursions``)."""
-        from mor.infer.generate import generate  # inference builds on the model, not the other way round
+        """``mor.infer.generate.generate(self, ...)``, the familiar ``model.generate()``: decode with KV caches and
+        causal routing. Arguments and result as :func:`mor.infer.generate.generate` (``max_new_tokens``,
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``stop_strings`` + ``tokenizer``,
+        ``seed``, ``streamer``, ``max_recursions``, ``extra_recursions``). Decoding lives in :mod:`mor.infer`, which
+        builds on the model; this delegation is the model's only reference to it, imported when called."""
+        from mor.infer.generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
 
@@ -371,16 +383,10 @@ class MoRForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (tied tensors stored once)."""
+        """Write ``config.json`` and ``model.safetensors`` (tied tensors stored once; see :mod:`mor.model.io`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight")
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_safetensors(state, tmp, metadata={"format": "pt"})
-        tmp.replace(directory / WEIGHTS_NAME)
-        self.config.save(directory / CONFIG_NAME)
+        io.save_model_files(directory, self.config, self.state_dict(), io.tied_parameter_names(self))
 
     @classmethod
     def from_pretrained(
@@ -390,47 +396,12 @@ class MoRForCausalLM(nn.Module):
         """Load a ``save_pretrained`` folder (or a training checkpoint). When the folder has a ``manifest.json``,
         the files are first checked against its checksums; ``verify=False`` skips that (it reads every byte once
         more, which takes a while for very large files). Weights holding NaN or infinities are refused."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: a checkpoint directory holds {CONFIG_NAME} and "
-                                        f"{WEIGHTS_NAME} (written by save_pretrained)")
+        io.require_model_files(directory)
         if verify:
-            verify_manifest(directory, (CONFIG_NAME, WEIGHTS_NAME))
-        try:
-            config = MoRConfig.load(config_path)
-        except (json.JSONDecodeError, TypeError) as error:
-            raise ValueError(f"{config_path} is not a valid mor config: {error}") from error
-        try:
-            state = load_file(str(weights_path), device=str(map_location))
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{weights_path} is unreadable or truncated: {error}") from error
-        model = cls(config)
-        expected = model.state_dict()
-        if config.tie_word_embeddings:
-            expected.pop("lm_head.weight")
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-        if missing or unexpected or wrong:
-            details = []
-            if missing:
-                details.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-            if unexpected:
-                details.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-            if wrong:
-                details.append("shape mismatch " + ", ".join(
-                    f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5]))
-            raise ValueError(f"{weights_path} does not match {config_path}: " + "; ".join(details))
-        problem = weight_problem(state)
-        if problem is not None:
-            raise CheckpointError(f"{weights_path}: {problem}; the checkpoint is unusable (a diverged run, or "
-                                  "corrupt bytes): use an earlier checkpoint")
-        model.load_state_dict(state, strict=False)
+            verify_manifest(directory, (io.CONFIG_FILE, io.WEIGHTS_FILE))
+        model = cls(io.load_config(directory))
+        model.load_state_dict(io.load_weights(directory, model, map_location))
         model.to(map_location)
         if dtype is not None:
             model.to(dtype)

@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -89,14 +88,20 @@ class ExpertChoice(nn.Module):
         )
         use_aux = config.expert_sampling == "aux_router" and not config.random_router
         self.aux_routers = nn.ModuleList([Router(d, 1, config.router_arch) for _ in range(n)] if use_aux else [])
-        # Forward calls seen in training, for the capacity warm-up (MOR_SPEC 4.8).
-        self.register_buffer("num_training_forwards", torch.zeros((), dtype=torch.long))
+        # Training forwards done so far, which the trainer sets for the capacity warm-up; None: warmed up.
+        self.training_progress: int | None = None
 
     def capacity(self, step: int) -> float:
+        """The fraction of tokens step ``step`` selects: ``c_r``, or during the warm-up (MOR_SPEC 4.8) a half
+        cosine from 1 down to ``c_r`` over ``capacity_warmup_steps`` training forwards."""
         target = self.config.step_capacities[step]
-        warmup = self.config.capacity_warmup_steps
-        done = int(self.num_training_forwards.item()) if warmup else 0
-        if not warmup or done >= warmup:
+        return self._warming_up(target) if self.config.capacity_warmup_steps else target
+
+    # Outside torch.compile: a graph that read the progress would be compiled again for every value it takes.
+    @torch.compiler.disable
+    def _warming_up(self, target: float) -> float:
+        warmup, done = self.config.capacity_warmup_steps, self.training_progress
+        if done is None or done >= warmup:
             return target
         return target + (1.0 - target) * 0.5 * (1.0 + math.cos(math.pi * done / warmup))
 
@@ -310,13 +315,11 @@ class TokenChoice(nn.Module):
         return torch.where(exits[..., None], first + gated, keep)
 
     @torch.no_grad()
-    def update_balancing_bias(self) -> None:
-        """Loss-free balancing step: ``b_i += u * sign(mean load - load_i)`` from the loads counted since the
-        last call (summed over every rank), then reset the counts."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.load_counts)
-        total = self.load_counts.sum()
+    def update_balancing_bias(self, load_counts: Tensor) -> None:
+        """Loss-free balancing step: ``b_i += u * sign(mean load - load_i)`` from ``load_counts`` (the tokens
+        routed to each depth since the last update), then reset this module's counts."""
+        total = load_counts.sum()
         if total > 0:
-            load = self.load_counts / total
+            load = load_counts / total
             self.balancing_bias += self.config.balancing_bias_rate * torch.sign(load.mean() - load)
         self.load_counts.zero_()

@@ -42,7 +42,7 @@ def layer_plan(config: MoRConfig) -> LayerPlan:
 
     block, nr = config.recursion_block_size, config.num_recursions
     offset = 1 if config.is_middle else 0
-    if config.sharing in ("cycle", "middle_cycle"):
+    if config.is_cycle:
         middle = [offset + i for _ in range(nr) for i in range(block)]
     else:
         middle = [offset + i for i in range(block) for _ in range(nr)]
@@ -55,7 +55,7 @@ def layer_plan(config: MoRConfig) -> LayerPlan:
         layer_of = tuple(middle)
         prelude, coda = (), ()
 
-    if config.sharing in ("cycle", "middle_cycle"):
+    if config.is_cycle:
         steps = tuple(tuple(offset + r * block + i for i in range(block)) for r in range(nr))
     else:
         steps = (tuple(range(offset, offset + block * nr)),)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mor import flops
 from mor.config import MoRConfig
+from mor.model import flops
 from mor.train.config import TrainConfig
 
 

@@ -3,7 +3,8 @@
 Layout of ``RUN/checkpoints/step_00000100/``:
 
 * ``model.safetensors`` + ``config.json``: the full model state (parameters and buffers such as the balancing
-  bias), loadable on its own with ``MoRForCausalLM.from_pretrained``;
+  bias) in the format of ``save_pretrained`` (:mod:`mor.model.io`), loadable on its own with
+  ``MoRForCausalLM.from_pretrained``;
 * ``trainer.pt``: optimizer, scheduler, step and token counters, and per rank the data position and RNG states;
 * ``tokenizer.json``: the prepared data's tokenizer, so the folder is all that eval and generation need;
 * ``manifest.json``: size and SHA-256 of each file, written last, and that the weights were checked.
@@ -31,24 +32,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
 from mor.config import MoRConfig
+from mor.data.tokenizer import TOKENIZER_FILE
 from mor.integrity import (MANIFEST_FILE, CheckpointError, describe_file, read_manifest, safe_torch_load,
-                           save_safetensors, verify_manifest, weight_problem)
+                           verify_manifest, weight_problem)
+from mor.model.io import CONFIG_FILE, WEIGHTS_FILE, load_weights, save_model_files, tied_parameter_names
 from mor.outputs import pid_alive
 from mor.train.distributed import unwrap
 
 CHECKPOINTS = "checkpoints"
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 TRAINER_FILE = "trainer.pt"
-TOKENIZER_FILE = "tokenizer.json"
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _TMP = re.compile(r"^\.tmp-step_\d+-(\d+)$")  # .tmp-step_00000100-PID: a checkpoint being written by PID
 
@@ -125,13 +123,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
         tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        aliases = tied_parameter_names(model)
-        tensors = {name: t.contiguous() for name, t in model_state.items() if name not in aliases}
-        save_safetensors(tensors, tmp / MODEL_FILE, metadata={"format": "pt", "aliases": json.dumps(aliases)})
-        model_config.save(tmp / CONFIG_FILE)
+        save_model_files(tmp, model_config, model_state, tied_parameter_names(unwrap(model)))
         torch.save({**_plain(trainer_state), "optimizer": optim_state, "rank_states": rank_states},
                    tmp / TRAINER_FILE)
-        names = [MODEL_FILE, CONFIG_FILE, TRAINER_FILE]
+        names = [WEIGHTS_FILE, CONFIG_FILE, TRAINER_FILE]
         if tokenizer is not None and tokenizer.is_file():
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
             names.append(TOKENIZER_FILE)
@@ -158,24 +153,8 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-def tied_parameter_names(model: nn.Module) -> dict[str, str]:
-    """Each name of a tied parameter (the LM head tied to the embedding) mapped to the parameter's first name.
-
-    safetensors stores a tensor once, so tied weights are stored under their first name only. Read off the
-    module, not the gathered state dict: gathering onto the CPU copies each entry, so tied tensors no longer
-    share memory there."""
-    first: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, param in unwrap(model).named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases
-
-
 # ------------------------------------------------------------------------------------------------- loading
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+def restore_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     model_config: MoRConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore model and optimizer in place; return the trainer state and this rank's data/RNG state."""
     path = Path(path)
@@ -188,21 +167,15 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise CheckpointError(f"{path} was trained with a different model config ({'; '.join(differences)}); "
                               "resume with the run's own config or start a new run directory")
     try:
-        with safe_open(path / MODEL_FILE, "pt") as handle:
-            aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
-        tensors = load_file(path / MODEL_FILE)
         state = safe_torch_load(path / TRAINER_FILE)
     except CheckpointError:
         raise
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+    except (OSError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"{path} could not be read ({error}); it is corrupt: resume from an earlier "
                               "checkpoint") from None
-    model_state = {**tensors, **{name: tensors[source] for name, source in aliases.items()}}
     # Names and full shapes from the module itself: the gathered full state dict exists on rank 0 only.
-    _check_tensors(path, model_state, unwrap(model).state_dict())
-    problem = weight_problem(tensors, [name for name, _ in unwrap(model).named_parameters()])
-    if problem is not None:
-        raise CheckpointError(f"{path}: {problem}; resume from an earlier checkpoint")
+    module = unwrap(model)
+    model_state = load_weights(path, module, bounded=[name for name, _ in module.named_parameters()])
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
     try:
         set_optimizer_state_dict(model, optimizer, state.pop("optimizer"),
@@ -224,18 +197,6 @@ def verify_checkpoint(path: str | Path) -> None:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST_FILE}); point --resume to a "
                               f"directory like RUN/{CHECKPOINTS}/step_00001000 or to the run directory")
     verify_manifest(path)
-
-
-def _check_tensors(path: Path, saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match the model: missing {missing[:5]}, unexpected "
-                              f"{unexpected[:5]}; was it written by another version of the model?")
-    for name, tensor in expected.items():
-        if saved[name].shape != tensor.shape:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(saved[name].shape)} but the model expects "
-                                  f"{tuple(tensor.shape)}")
 
 
 # ------------------------------------------------------------------------------------------------- RNG

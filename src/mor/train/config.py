@@ -64,7 +64,7 @@ class BudgetConfig:
 
     steps: int | None = None
     tokens: int | None = None
-    flops: float | None = None  # forward FLOPs counted the paper's way (mor.flops)
+    flops: float | None = None  # forward FLOPs counted the paper's way (mor.model.flops)
 
 
 @dataclass

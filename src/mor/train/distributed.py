@@ -72,7 +72,8 @@ def wrap(model: nn.Module, strategy: str, env: DistEnv) -> nn.Module:
     if strategy == "none" or not dist.is_initialized():
         return model
     if strategy == "ddp":
-        # The model keeps its buffers (balancing bias) identical across ranks itself: no broadcast per forward.
+        # The trainer keeps the buffers (balancing bias) identical across ranks, updating them from loads summed
+        # over every rank: no broadcast per forward.
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                           inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
         return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,

@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 from mor import MoRForCausalLM
 from mor.config import MoRConfig
 from mor.data import PackedBatches, TokenShards, sequential_batches
-from mor.flops import training_flops_per_token
+from mor.model.flops import training_flops_per_token
 from mor.outputs import FolderLock, OutputError
 from mor.train import distributed
 from mor.train.budget import Budget, resolve_budget
 from mor.train.checkpoint import (BadWeightsError, CheckpointError, last_good_checkpoint, latest_checkpoint,
-                                  list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                                  list_checkpoints, restore_checkpoint, rng_state, save_checkpoint,
                                   set_aside_later_checkpoints, set_rng_state)
 from mor.train.config import ConfigError, TrainConfig
 from mor.train.optim import build_optimizer, clip_gradients
@@ -122,7 +122,7 @@ class Trainer:
         # the checkpoint supplies the optimizer moments and the position in the schedule, nothing else.
         configured = [{k: g[k] for k in ("initial_lr", "weight_decay", "betas", "eps")}
                       for g in self.optimizer.param_groups]
-        state, rank_state = load_checkpoint(path, self.model, self.optimizer, self.model_config)
+        state, rank_state = restore_checkpoint(path, self.model, self.optimizer, self.model_config)
         if state["tokens_per_step"] != self.budget.tokens_per_step:
             raise CheckpointError(f"{path} was trained with {state['tokens_per_step']} tokens per step, this config "
                                   f"has {self.budget.tokens_per_step}; keep batch and data.seq_len of the run")
@@ -227,6 +227,7 @@ class Trainer:
             # the ranks' token-weighted losses.
             weight = counts[i] * world / total
             mb = {k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()}
+            self._set_progress(i)
             with distributed.gradient_sync(self.model, i == accum - 1), self.autocast:
                 out = self.model(mb["input_ids"], labels=mb["labels"], document_ids=mb.get("document_ids"))
             (out.loss * weight).backward()
@@ -248,7 +249,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.module.update_balancing_bias()
+        loads = self.module.balancing_loads()
+        if loads is not None:  # every rank moves its bias by the loads of all of them, so the biases stay equal
+            self.module.update_balancing_bias(distributed.all_reduce_sum(loads.clone()))
         metrics["grad_norm"] = grad_norm.item()
         for name, value in stats.items():  # router statistics of this rank
             metrics[f"router/{name}"] = value.tolist() if value.dim() else value.item()
@@ -258,7 +261,8 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Mean token NLL on the first ``eval_batches x micro_batch_size`` rows of the validation split (the same
-        rows at every evaluation); MoR models in both routing modes, "topk" (the paper's numbers) and "causal"."""
+        rows at every evaluation) in each of the model's routing modes (MoRConfig.routing_modes): expert-choice
+        models in "topk" (the paper's numbers) and "causal"."""
         if self.val_shards is None:
             return {}
         data, micro, world = self.config.data, self.config.batch.micro_batch_size, self.env.world_size
@@ -268,10 +272,10 @@ class Trainer:
         if rows == 0:
             raise ValueError(f"the validation split of {data.path} has fewer than {world} rows of {data.seq_len} "
                              "tokens; set data.val_split: null or prepare more validation data")
-        modes = ["topk", "causal"] if self.model_config.router != "none" else [None]
         results = {}
+        self._set_progress()
         self.model.eval()
-        for mode in modes:
+        for mode in self.model_config.routing_modes:
             nll = torch.zeros(2, device=self.env.device, dtype=torch.float64)
             for batch in sequential_batches(self.val_shards, data.seq_len, micro, max_rows=rows, rank=self.env.rank,
                                             world_size=world, document_masking=data.document_masking,
@@ -286,6 +290,11 @@ class Trainer:
             results["val/nll" + (f"_{mode}" if mode else "")] = total / max(count, 1)
         self.model.train()
         return results
+
+    def _set_progress(self, micro_batch: int = 0) -> None:
+        """Tell the model how many training forwards came before this one (the capacity warm-up): the trainer
+        owns that count, so it follows the step restored on resume."""
+        self.module.set_training_progress(self.step * self.budget.grad_accum + micro_batch)
 
     def _validate_and_log(self, progress: tqdm | None) -> dict[str, float]:
         results = self.validate()

@@ -17,17 +17,7 @@ from mor.viz import depth_tokens
 from mor.viz.depth_text import DepthSection, depth_html, depth_png, token_label, token_pieces
 from mor.viz.metrics import routing_metrics
 from mor.viz.routing_plots import plot_depth_scaling, plot_load, plot_router_scores, plot_tokens_per_depth
-from mor.viz.trace import can_cap_depth, depth_scaling, trace
-
-
-def routing_modes(model: MoRForCausalLM, requested: str = "both") -> list[str | None]:
-    """Both modes of an expert-choice model (``topk``: per-sequence selection as in training, ``causal``: per-token
-    decisions as in decoding); ``[None]`` otherwise, since only expert-choice routing depends on the mode."""
-    if requested not in ("both", "topk", "causal"):
-        raise ValueError(f"routing must be 'both', 'topk' or 'causal', got {requested!r}")
-    if model.config.router != "expert":
-        return [None]
-    return ["topk", "causal"] if requested == "both" else [requested]
+from mor.viz.trace import depth_scaling, trace
 
 
 def describe(model: MoRForCausalLM) -> str:
@@ -113,7 +103,7 @@ def routing_stats_report(model: MoRForCausalLM, tokenizer: TextTokenizer, rows: 
                       "Token-choice load")
     (out_dir / "routing_metrics.json").write_text(json.dumps(results, indent=2) + "\n")
 
-    if scaling and can_cap_depth(config):
+    if scaling and config.is_cycle:
         curves = {f"routing {_mode_name(r)}" if r else "NLL":
                   depth_scaling(model, rows, r, batch_size=batch_size, progress=progress) for r in modes}
         results["depth_scaling"] = curves

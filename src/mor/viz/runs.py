@@ -1,9 +1,9 @@
 """Training runs: read run directories and plot loss curves and NLL against training FLOPs.
 
 A run directory (written by ``mor train``) holds ``metrics.jsonl``, one JSON object per logged step with at least
-``step`` and usually ``tokens``, ``loss``, ``lm_loss``, ``lr`` and, at validation, ``val/nll`` (models without
-router) or ``val/nll_topk`` and ``val/nll_causal``; ``model_config.json`` and ``config.yaml`` give the model and
-sequence length for the FLOP count. Any key may be missing: what is absent is simply not drawn. Keys are read
+``step`` and usually ``tokens``, ``loss``, ``lm_loss``, ``lr`` and, at validation, ``val/nll`` (or, for
+expert-choice models, ``val/nll_topk`` and ``val/nll_causal``); ``model_config.json`` and ``config.yaml`` give the
+model and sequence length for the FLOP count. Any key may be missing: what is absent is simply not drawn. Keys are read
 with ``/`` or ``_`` alike (``val/nll_causal`` = ``val_nll_causal``).
 """
 
@@ -19,7 +19,7 @@ import yaml
 from matplotlib.ticker import EngFormatter
 
 from mor.config import MoRConfig
-from mor.flops import forward_flops_per_token
+from mor.model.flops import forward_flops_per_token
 from mor.viz.style import new_figure, save
 
 METRICS_FILE = "metrics.jsonl"

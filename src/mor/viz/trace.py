@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mor.config import MoRConfig
 from mor.model import MoRForCausalLM
 
 
@@ -127,20 +126,14 @@ def _router_outputs(model: MoRForCausalLM) -> Iterator[_RouterOutputs]:
             handle.remove()
 
 
-def can_cap_depth(config: MoRConfig) -> bool:
-    """Whether ``max_recursions`` changes the model: its block recurs step by step (cycle sharing, Nr >= 2)."""
-    return config.sharing in ("cycle", "middle_cycle") and config.num_recursions >= 2
-
-
 def depth_scaling(model: MoRForCausalLM, rows: Tensor, routing: str | None = None, *, batch_size: int = 8,
                   progress: bool = False) -> list[float]:
     """Test-time depth scaling (paper Fig. 5c): the NLL of ``rows`` when inference may run at most
     1, 2, ..., Nr recursion steps (tokens routed deeper exit at the cap)."""
     config = model.config
-    if not can_cap_depth(config):
+    if not config.is_cycle:
         raise ValueError(f"depth scaling needs a model whose block recurs step by step (sharing 'cycle' or "
-                         f"'middle_cycle', num_recursions >= 2); this one has sharing={config.sharing!r}, "
-                         f"num_recursions={config.num_recursions}")
+                         f"'middle_cycle'); this one has sharing={config.sharing!r}")
     limits = range(1, config.num_recursions + 1)
     return [trace(model, rows, routing, batch_size=batch_size, max_recursions=m).nll
             for m in tqdm(limits, desc=f"depth scaling [{routing or 'no router'}]", unit="depth",

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mor.cli.common import add_device_argument
+
 QUICKSTART_MODEL = dict(
     preset="quickstart", vocab_size=4096, max_position_embeddings=128,
     sharing="middle_cycle", num_recursions=3, router="expert",
@@ -26,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=60)
-    parser.add_argument("--device", default="auto")
+    add_device_argument(parser)
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming an earlier run")
     parser.set_defaults(func=run)
 
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     print("[3/4] validation NLL (128-token rows of Macbeth and Twelfth Night)")
     model = MoRForCausalLM.from_pretrained(result.checkpoint).eval()
     shards = TokenShards(out / "data", split="val")
-    for routing in ("topk", "causal"):
+    for routing in model.config.routing_modes:  # expert-choice: both modes
         nll = evaluate_perplexity(model, shard_rows(shards, seq_len), num_rows=64, batch_size=16,
                                   routing=routing, source="val", progress=False)
         label = "top-k (as in training)" if routing == "topk" else "causal (as in decoding)"

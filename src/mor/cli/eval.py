@@ -8,7 +8,7 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-from mor.cli import add_device_argument, resolve_device
+from mor.cli.common import CHECKPOINT_HELP, add_checkpoint_arguments, add_routing_argument, load_model, routing_modes
 from mor.eval.task_data import TASKS, data_source, load_docs, resolve_tasks
 
 
@@ -16,19 +16,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", help="perplexity and zero/few-shot accuracy of a checkpoint",
         description="Evaluate a checkpoint: validation NLL/perplexity over packed rows of held-out text and "
-                    "zero/few-shot tasks with the paper's metrics. Routed MoR models are scored in both routing "
-                    "modes unless --routing says otherwise.")
-    parser.add_argument("checkpoint", help="directory written by save_pretrained (config.json + model.safetensors); "
-                                           "with --transformers, a Hugging Face folder or a .gguf file")
+                    "zero/few-shot tasks with the paper's metrics. Expert-choice MoR models are scored in both "
+                    "routing modes unless --routing says otherwise.")
+    add_checkpoint_arguments(parser, CHECKPOINT_HELP + "; with --transformers, a Hugging Face folder or a .gguf file")
     parser.add_argument("--tasks", default="", help=f"comma-separated tasks or groups 'paper', 'all'; tasks: "
                                                     f"{', '.join(TASKS)}")
     parser.add_argument("--limit", type=int, help="score only the first N items of each task")
     parser.add_argument("--num-fewshot", type=int, default=0, help="demonstrations per item (default 0)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws (default 1234)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
-    parser.add_argument("--routing", choices=("both", "topk", "causal"), default="both",
-                        help="routing modes of a routed model: 'topk' is the paper's per-sequence selection, "
-                             "'causal' the per-token decisions used in decoding (default both)")
+    add_routing_argument(parser)
     parser.add_argument("--perplexity", action="append", default=[], metavar="SOURCE",
                         help="held-out text for NLL/perplexity: a .txt file (one document), .jsonl[.xz|.gz] "
                              "(field 'text') or a folder prepared by `mor data prepare` (its val split); repeatable")
@@ -37,22 +34,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                     "max_position_embeddings))")
     parser.add_argument("--max-length", type=int, help="context window for task scoring; longer inputs lose tokens "
                                                        "from the left (default: max_position_embeddings)")
-    parser.add_argument("--tokenizer", help="tokenizer.json (or a folder holding one); default: the checkpoint's")
     parser.add_argument("--data-dir", type=Path,
                         help="read the tasks from DIR/eval/*.jsonl instead of the Hugging Face Hub (default: "
                              "$MOR_DATA_DIR; unset: each task's Hub dataset, read with datasets, which caches it "
                              "for offline runs)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    add_device_argument(parser)
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="auto = bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--transformers", action="store_true",
                         help="load CHECKPOINT (a Hugging Face folder or a .gguf file) with "
                              "transformers.AutoModelForCausalLM: reference numbers of an original model under "
                              "the same protocol")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip checking the checkpoint's files against its manifest.json (saves reading very "
-                             "large files twice)")
     parser.set_defaults(func=run_eval)
 
     # prefix_chars="+": every "-..." argument is lm-eval's, passed through untouched.
@@ -67,10 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from mor.eval.checkpoint import load_checkpoint
     from mor.eval.perplexity import evaluate_perplexity, source_rows
     from mor.eval.results import Metric, markdown_table, write_json
-    from mor.eval.scoring import routing_modes
     from mor.eval.tasks import evaluate_task
     from mor.outputs import writable_file
 
@@ -89,8 +77,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.out:
             writable_file(args.out, "--out")
         tasks = resolve_tasks(args.tasks) if args.tasks else []
-        model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, resolve_device(args.device), args.dtype,
-                                           backend="transformers" if args.transformers else "mor", verify=args.verify)
+        model, tokenizer = load_model(args, backend="transformers" if args.transformers else "mor")
         context = model.config.max_position_embeddings
         for name in ("seq_len", "max_length"):
             if (getattr(args, name) or 0) > context:

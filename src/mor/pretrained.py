@@ -1,5 +1,10 @@
-"""Load a checkpoint and its tokenizer for evaluation: a ``MoRForCausalLM.save_pretrained`` directory, or (for
-reference numbers of an original model under the same protocol) anything ``transformers`` loads."""
+"""A trained model and its tokenizer, ready to use: what ``mor eval``, ``mor generate``, ``mor viz`` and the
+lm-evaluation-harness model load.
+
+A mor checkpoint folder (``save_pretrained`` or a training checkpoint, :mod:`mor.model.io`), or, for reference
+numbers of an original model under the same protocol, anything ``transformers.AutoModelForCausalLM`` loads: a
+Hugging Face folder or a ``.gguf`` file. Device and dtype names (``auto`` included) are resolved here, once.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,20 @@ from pathlib import Path
 
 import torch
 
-from mor.data.tokenizer import TextTokenizer, load_tokenizer
+from mor.config import DTYPES
+from mor.data.tokenizer import TOKENIZER_FILE, TextTokenizer, load_tokenizer
 from mor.integrity import verify_manifest
 from mor.model import MoRForCausalLM
-from mor.model.mor import CONFIG_NAME, WEIGHTS_NAME
+from mor.model.io import CONFIG_FILE, WEIGHTS_FILE
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKENDS = ("mor", "transformers")
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` is ``cuda`` when a GPU is available, else ``cpu``; any other name is kept."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
@@ -21,37 +34,37 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return getattr(torch, name)
 
 
-def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, device: str = "cpu",
-                    dtype: str = "auto", backend: str = "mor",
-                    verify: bool = True) -> tuple[torch.nn.Module, TextTokenizer]:
+def load_model_and_tokenizer(path: str | Path, tokenizer: str | Path | None = None, device: str = "cpu",
+                             dtype: str = "auto", backend: str = "mor",
+                             verify: bool = True) -> tuple[torch.nn.Module, TextTokenizer]:
     """The model in eval mode on ``device`` and the tokenizer: ``tokenizer`` if given, else the checkpoint's
     own ``tokenizer.json``.
 
-    ``backend="mor"`` loads a ``save_pretrained`` directory as :class:`MoRForCausalLM`; ``backend="transformers"``
+    ``backend="mor"`` loads a mor checkpoint folder as :class:`MoRForCausalLM`; ``backend="transformers"``
     loads a Hugging Face folder or a ``.gguf`` file with ``transformers.AutoModelForCausalLM`` instead.
     ``verify`` checks the files that a ``manifest.json`` in the folder lists (see ``MoRForCausalLM.from_pretrained``).
     """
-    if backend not in ("mor", "transformers"):
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be 'mor' or 'transformers', got {backend!r}")
     path = Path(path)
     gguf = backend == "transformers" and path.is_file() and path.suffix == ".gguf"
     if not (path.is_dir() or gguf):
         expected = ("a Hugging Face checkpoint folder or a .gguf file" if backend == "transformers" else
-                    "the folder that save_pretrained wrote (config.json + model.safetensors)")
+                    f"the folder that save_pretrained wrote ({CONFIG_FILE} + {WEIGHTS_FILE})")
         raise FileNotFoundError(f"checkpoint {path} is not a directory; give {expected}")
-    if backend == "mor" and not (path / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{path} is not a mor checkpoint (no {CONFIG_NAME}); give the folder that "
-                                f"save_pretrained or training wrote ({CONFIG_NAME} + {WEIGHTS_NAME})")
+    if backend == "mor" and not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a mor checkpoint (no {CONFIG_FILE}); give the folder that "
+                                f"save_pretrained or training wrote ({CONFIG_FILE} + {WEIGHTS_FILE})")
     if tokenizer is None:
-        if gguf or not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{path} holds no tokenizer.json; pass the tokenizer the model was trained "
+        if gguf or not (path / TOKENIZER_FILE).is_file():
+            raise FileNotFoundError(f"{path} holds no {TOKENIZER_FILE}; pass the tokenizer the model was trained "
                                     "with (--tokenizer PATH)")
         tokenizer = path
         if verify:
-            verify_manifest(path, ["tokenizer.json"])
+            verify_manifest(path, [TOKENIZER_FILE])
     text_tokenizer = load_tokenizer(tokenizer)
     torch_dtype = resolve_dtype(dtype, device)
     if backend == "transformers":

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from mor.cli import add_device_argument, resolve_device
+from mor.cli.common import add_checkpoint_arguments, load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Generate a continuation of --prompt with per-layer KV caches and causal routing (a token "
                     "continues to the next recursion while its router says so), streaming the text as it is "
                     "produced. --color-depth colours each token by the recursion depth that produced it.")
-    parser.add_argument("checkpoint", help="directory written by save_pretrained (config.json + model.safetensors)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--prompt", default="", help="text to continue (default: start from the end-of-document "
                                                      "token, as for unconditional samples)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
@@ -31,25 +31,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="apply the block this many more times to tokens that reach the last trained depth "
                              "(test-time depth scaling)")
     parser.add_argument("--color-depth", action="store_true", help="colour each token by its recursion depth (ANSI)")
-    parser.add_argument("--tokenizer", help="tokenizer.json (or a folder holding one); default: the checkpoint's")
-    add_device_argument(parser)
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="auto = bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip checking the checkpoint's files against its manifest.json")
     parser.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from mor.eval.checkpoint import load_checkpoint
     from mor.infer.generate import generate
     from mor.infer.streaming import TextStreamer, depth_legend
 
     try:
-        model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, resolve_device(args.device), args.dtype,
-                                           verify=args.verify)
+        model, tokenizer = load_model(args)
         prompt = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_token_id]
         streamer = TextStreamer(tokenizer, color_depth=args.color_depth, stop_token_ids={tokenizer.eos_token_id},
                                 num_recursions=model.config.num_recursions)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from mor.cli.common import non_negative_int, positive_int
 
 SOURCES_HELP = ("files (.txt = one document; .jsonl with a text field; either may end in .gz/.xz/.zst; .parquet), "
                 "folders of them, folders written by datasets' save_to_disk (append ?split=NAME for a "
@@ -32,16 +33,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="a validation source instead (repeat for several)")
     _common_options(p)
     p.add_argument("--eos-token", default=None, help="end-of-document token (default: <|endoftext|> or </s>)")
-    p.add_argument("--workers", type=_positive_int, default=1,
+    p.add_argument("--workers", type=positive_int, default=1,
                    help="tokenizer processes; 1 tokenizes in this process with the library's threads (default)")
-    p.add_argument("--shard-tokens", type=_positive_int, help="tokens per shard file (default 2^28: 512 MiB as uint16)")
+    p.add_argument("--shard-tokens", type=positive_int, help="tokens per shard file (default 2^28: 512 MiB as uint16)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset of other inputs already in OUT")
     p.set_defaults(func=_prepare)
 
     p = data_commands.add_parser("inspect", help="print the summary of a prepared folder")
     p.add_argument("dir", help="prepared folder")
     p.add_argument("--verify", action="store_true", help="check every shard's sha256")
-    p.add_argument("--show", type=_non_negative_int, default=0, metavar="N", help="decode the first N train tokens")
+    p.add_argument("--show", type=non_negative_int, default=0, metavar="N", help="decode the first N train tokens")
     p.set_defaults(func=_inspect)
 
     p = data_commands.add_parser("sample", help="prepare the bundled sample corpus with the bundled tokenizer")
@@ -62,20 +63,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="JSON field or column holding the text (default text)")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def _fail(error: Exception) -> int:

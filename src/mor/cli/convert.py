@@ -9,21 +9,12 @@ to SRC (or from ``--tokenizer``) are copied along.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from mor.cli import add_set_argument
-from mor.config import INITS, KV_CACHES, RECURSIVE_SHARING, MoRConfig, parse_assignment
-
-if TYPE_CHECKING:
-    from mor.model import MoRForCausalLM
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
-DTYPES = ("float32", "bfloat16", "float16")
+from mor.cli.common import add_set_argument, model_overrides
+from mor.config import DTYPES, INITS, KV_CACHES, RECURSIVE_SHARING
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     import torch
 
-    from mor.interop.llama import export_hf
+    from mor.interop.llama import copy_tokenizer_files, export_hf, load_any_model
     from mor.interop.recursive import source_layers, to_recursive
     from mor.outputs import writable_folder
 
@@ -78,7 +69,7 @@ def _convert(args: argparse.Namespace) -> int:
     if (args.out / "config.json").exists() and not args.overwrite:
         raise ValueError(f"{args.out} already holds a checkpoint; choose another folder or pass --overwrite")
     writable_folder(args.out, "OUT", create=False)
-    model = load_any(args.src)
+    model = load_any_model(args.src)
     if recursive is not None:
         model = to_recursive(model, **recursive)
         groups = source_layers(model.config, recursive["init"], args.seed)
@@ -116,41 +107,12 @@ def _recursive_options(args: argparse.Namespace) -> dict[str, Any] | None:
         if args.overrides or args.kv_cache:
             raise ValueError("--set/--kv-cache change a converted model; add --sharing or --router")
         return None
-    overrides = dict(_parse_override(text) for text in args.overrides)
+    overrides = model_overrides(args.overrides)
     if args.kv_cache:
         overrides["kv_cache"] = args.kv_cache
     return dict(sharing=sharing, num_recursions=args.num_recursions, init=args.init, router=args.router,
                 seed=args.seed, **overrides)
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
-    name, value = parse_assignment(text)
-    if name not in MoRConfig.__dataclass_fields__:
-        raise ValueError(f"--set {text!r}: {name!r} is not a MoRConfig field")
-    return name, value
-
-
-def load_any(src: Path) -> MoRForCausalLM:
-    """A mor checkpoint folder, a Hugging Face Llama folder or a GGUF file as a model."""
-    from mor.interop.llama import load_hf_llama
-    from mor.model import MoRForCausalLM
-
-    config_file = src / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "mor":
-        return MoRForCausalLM.from_pretrained(src).eval()
-    return load_hf_llama(src)
-
-
 def _folder(path: Path) -> Path:
     return path if path.is_dir() else path.parent
-
-
-def copy_tokenizer_files(source: Path, out: Path) -> list[str]:
-    """Copy the tokenizer files found at ``source`` (a folder, or a tokenizer.json) into ``out``."""
-    files = [source] if source.is_file() else [source / name for name in TOKENIZER_FILES]
-    copied = []
-    for file in files:
-        if file.is_file():
-            shutil.copyfile(file, out / file.name)
-            copied.append(file.name)
-    return copied

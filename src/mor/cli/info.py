@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mor.cli import add_set_argument
-from mor.config import PRESETS, MoRConfig, parse_assignment
+from mor.cli.common import add_set_argument, model_overrides
+from mor.config import PRESETS, MoRConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,11 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mor.flops import forward_flops_per_token, tokens_for_budget
     from mor.model import MoRForCausalLM
+    from mor.model.flops import forward_flops_per_token, tokens_for_budget
 
-    overrides = dict(parse_assignment(pair) for pair in args.overrides)
     try:
+        overrides = model_overrides(args.overrides)
         if args.preset in PRESETS:
             config = MoRConfig.from_preset(args.preset, **overrides)
         else:

@@ -18,8 +18,7 @@ from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
-from mor.cli import add_device_argument, resolve_device
-
+from mor.cli.common import add_checkpoint_arguments, add_routing_argument, load_model, routing_modes
 from mor.outputs import writable_folder
 
 INSTALL_HINT = "mor viz needs matplotlib: pip install 'mor[viz]' (or pip install matplotlib)"
@@ -88,15 +87,10 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="directory written by save_pretrained (config.json + model.safetensors)")
+    # float32 by default: router scores near the causal threshold are what the analyses look at.
+    add_checkpoint_arguments(parser, dtype="float32")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--routing", choices=("both", "topk", "causal"), default="both",
-                        help="routing modes of an expert-choice model: 'topk' is the per-sequence selection of "
-                             "training, 'causal' the per-token decisions of decoding (default both)")
-    parser.add_argument("--tokenizer", help="tokenizer.json (or a folder holding one); default: the checkpoint's")
-    add_device_argument(parser)
-    parser.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"),
-                        help="model dtype (default float32; auto = bfloat16 on CUDA)")
+    add_routing_argument(parser)
 
 
 def _fail(message: str) -> int:
@@ -121,18 +115,12 @@ def _handler(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
     return run
 
 
-def _load(args: argparse.Namespace):
-    from mor.eval.checkpoint import load_checkpoint
-
-    return load_checkpoint(args.checkpoint, args.tokenizer, resolve_device(args.device), args.dtype)
-
-
 @_handler
 def run_depth(args: argparse.Namespace) -> int:
-    from mor.viz.report import depth_text_report, routing_modes
+    from mor.viz.report import depth_text_report
 
     text = args.text if args.text is not None else args.text_file.read_text(encoding="utf-8")
-    model, tokenizer = _load(args)
+    model, tokenizer = load_model(args)
     depths = depth_text_report(model, tokenizer, text, args.out, routing_modes(model, args.routing))
     for mode, values in depths.items():
         print(f"{mode}: {len(values)} tokens, mean depth {sum(values) / len(values):.3f}")
@@ -145,14 +133,13 @@ def run_stats(args: argparse.Namespace) -> int:
     import torch
 
     from mor.eval.perplexity import source_rows
-    from mor.viz.report import routing_modes, routing_stats_report
-    from mor.viz.trace import can_cap_depth
+    from mor.viz.report import routing_stats_report
 
     for name in ("rows", "seq_len", "batch_size", "top"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    model, tokenizer = _load(args)
+    model, tokenizer = load_model(args)
     seq_len = args.seq_len or min(2048, model.config.max_position_embeddings)
     if seq_len > model.config.max_position_embeddings:
         return _fail(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
@@ -162,7 +149,7 @@ def run_stats(args: argparse.Namespace) -> int:
         return _fail(f"{args.data} holds fewer than {seq_len} tokens; give more text or a smaller --seq-len")
     if len(rows) < args.rows:
         print(f"{args.data} yields only {len(rows)} rows of {seq_len} tokens", file=sys.stderr)
-    if not args.no_scaling and not can_cap_depth(model.config):
+    if not args.no_scaling and not model.config.is_cycle:
         print("depth scaling skipped: the model's depth cannot be capped (no cycle sharing)", file=sys.stderr)
     results = routing_stats_report(model, tokenizer, torch.tensor(rows), args.out,
                                    routing_modes(model, args.routing), top=args.top, batch_size=args.batch_size,

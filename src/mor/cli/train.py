@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from mor.cli import add_set_argument, positive_int
+from mor.cli.common import add_set_argument, positive_int
 from mor.train.config import ConfigError, TrainConfig, load_config
 
 

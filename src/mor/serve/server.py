@@ -1,0 +1,112 @@
+"""Running the server: load what to serve, bind the port, build the engine, its worker and the application, and run
+uvicorn until SIGTERM (``mor serve`` parses its options into :class:`ServeOptions` and calls :func:`serve`)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from mor.data.tokenizer import TOKENIZER_FILE, TextTokenizer, load_tokenizer
+from mor.model import MoRForCausalLM
+from mor.model.io import CONFIG_FILE
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """``max_batch``: the engine's rows and block slots; ``max_queue``: requests that may wait for a row beyond
+    them; ``max_seq_len``: prompt + generated tokens per request (None: the model's context); ``extra_recursions``:
+    the most test-time recursions a request may ask for; ``drain_timeout``: seconds the requests in flight get after
+    SIGTERM; ``cuda_graphs``: capture the engine's windows (and compile) on CUDA."""
+
+    host: str = "127.0.0.1"
+    max_batch: int = 32
+    max_queue: int = 256
+    max_seq_len: int | None = None
+    extra_recursions: int = 0
+    drain_timeout: float = 30.0
+    cuda_graphs: bool = False
+
+
+def load_served_model(path: str | Path, tokenizer: str | Path | None, device: str, dtype: str,
+                      verify: bool = True) -> tuple[MoRForCausalLM, TextTokenizer]:
+    """A mor checkpoint folder as ``mor.pretrained`` loads it; a Hugging Face Llama folder or a ``.gguf`` file
+    through the Llama import (a vanilla mor model with the same logits), with the tokenizer beside it or
+    ``tokenizer``."""
+    from mor.pretrained import load_model_and_tokenizer, resolve_dtype
+
+    source = Path(path)
+    config = source / CONFIG_FILE
+    if source.is_dir() and config.is_file() and json.loads(config.read_text()).get("model_type") == "mor":
+        model, text_tokenizer = load_model_and_tokenizer(source, tokenizer, device, dtype, verify=verify)
+        assert isinstance(model, MoRForCausalLM)
+        return model, text_tokenizer
+    if not source.exists():
+        raise FileNotFoundError(f"checkpoint {source} does not exist; give a mor checkpoint folder, a Hugging Face "
+                                "Llama folder or a .gguf file")
+    from mor.interop.llama import load_hf_llama
+
+    folder = source if source.is_dir() else source.parent
+    if tokenizer is None and not (folder / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"{folder} holds no {TOKENIZER_FILE}; pass the model's tokenizer with --tokenizer "
+                                "PATH")
+    text_tokenizer = load_tokenizer(tokenizer or folder)
+    model = load_hf_llama(source, resolve_dtype(dtype, device)).to(device)
+    if text_tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {text_tokenizer.path} has {text_tokenizer.vocab_size} tokens but the model's "
+                         f"vocabulary holds {model.config.vocab_size}; pass the tokenizer it was trained with")
+    return model, text_tokenizer
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (port 0: a free one), or a one-line error naming the fix. Bound before the
+    model loads, so that a port in use fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or --host") \
+            from None
+    return listener
+
+
+def serve(model: MoRForCausalLM, tokenizer: TextTokenizer, name: str, listener: socket.socket,
+          options: ServeOptions) -> None:
+    """Serve ``model`` as ``name`` on ``listener`` until SIGTERM (drains, then returns) or Ctrl-C."""
+    import uvicorn
+
+    from mor.infer.engine import Engine
+    from mor.serve.app import ServedModel, build_app
+    from mor.serve.chat import end_of_turn_token, load_chat_template
+    from mor.serve.metrics import Metrics
+    from mor.serve.worker import EngineWorker
+
+    folder = tokenizer.path.parent
+    end_tokens = {tokenizer.eos_token_id}
+    turn_end = end_of_turn_token(folder)
+    if turn_end is not None and tokenizer.backend.token_to_id(turn_end) is not None:
+        end_tokens.add(tokenizer.backend.token_to_id(turn_end))
+    engine = Engine(model, max_batch_slots=options.max_batch, max_seq_len=options.max_seq_len,
+                    extra_recursions=options.extra_recursions, cuda_graphs=options.cuda_graphs)
+    metrics = Metrics(engine.cache.pool.num_pages)
+    worker = EngineWorker(engine, sorted(end_tokens), options.max_queue, metrics)
+    served = ServedModel(name, tokenizer, load_chat_template(folder), end_tokens)
+    app = build_app(served, worker, metrics)
+    worker.start()  # prepares the engine: compiles and captures CUDA graphs on a GPU
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=options.drain_timeout)
+    print(f"mor serve: {name} on http://{options.host}:{listener.getsockname()[1]} (playground at /, "
+          f"{engine.max_requests} rows, context {engine.max_seq_len}, "
+          f"{'a chat template' if served.chat_template else 'no chat template'})", file=sys.stderr, flush=True)
+    # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: make that one return, so
+    # that a drained server exits with status 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        worker.stop()
