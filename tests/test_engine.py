@@ -193,6 +193,19 @@ def test_streaming_requests_report_tokens_as_they_come_and_a_cancelled_one_frees
     assert engine.cache.pages_in_use() == 0
 
 
+def test_a_request_cancelled_while_it_waits_for_a_row_is_dropped_at_once():
+    engine = Engine(make_decisive("expert"), max_batch_slots=1, max_seq_len=32, page_size=4)
+    engine.prepare([], ("greedy",))
+    first, waiting = engine.add(prompts()[0], 6), engine.add(prompts()[1], 6)
+    engine.step()  # the first takes the one row
+    engine.cancel(waiting)
+    reported = set()
+    while engine.busy:
+        reported |= {out.request for out in engine.step()}
+    assert reported == {first}
+    assert not engine._requests, "a dropped request must not stay behind (a server cancels many)"
+
+
 def test_depth_wise_batching_can_be_switched_off_for_comparison():
     # Lockstep: the block holds a batch's tokens until the deepest is done; the tokens are the same, the block
     # runs emptier.
