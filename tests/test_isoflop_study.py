@@ -339,6 +339,7 @@ def synthetic_results() -> dict:
 
 
 def test_the_report_picks_each_model_at_its_best_lr(tmp_path):
+    pytest.importorskip("matplotlib")  # the plots need the viz extra
     written = study.report(synthetic_results(), study.grid(), tmp_path)
     assert sorted(p.name for p in written) == ["nll_vs_flops.png", "nll_vs_lr_1e15.png", "nll_vs_lr_3e15.png",
                                                "report.md"]
@@ -361,6 +362,7 @@ def test_the_report_of_no_finished_run_still_writes_its_page(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- end to end
 def test_a_tiny_study_runs_resumes_and_reports(sample_data, tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # its report draws the plots (the viz extra)
     wikitext = tmp_path / "wikitext.txt"
     wikitext.write_text("The tower stands by the sea . <unk> rain falls on the hills .\n" * 40)
     args = ["--only", "mor-expert-3_1e15_lr3e-3", "vanilla-steps_1e15_lr3e-3", "--out", str(tmp_path / "study"),
