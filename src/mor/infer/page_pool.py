@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mor.model.kv_cache import KVPages, _continue
+from mor.model.kv_cache import KVPages, continue_rows
 from mor.model.layers import KV, CacheUpdate, TokenLayout, allowed_attention
 
 
@@ -184,7 +184,7 @@ class PagedRows:
 
     def extend(self, layout: TokenLayout) -> TokenLayout:
         pool = self.cache.pool
-        layout, lengths = _continue(layout, pool.lengths[self.rows], pool.max_seq_len)
+        layout, lengths = continue_rows(layout, pool.lengths[self.rows], pool.max_seq_len)
         pool.lengths[self.rows] = lengths
         self.longest = int(lengths.max())
         return layout

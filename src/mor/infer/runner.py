@@ -171,8 +171,8 @@ class Runner:
             return fused.setdefault(id(layer), FusedLayer.of(layer)).tensors()
 
         self.block = [weights_of(p) for p in self.steps[0]]
-        self.prelude = [(weights_of(p), stream[p]) for p in inner.plan.prelude]
-        self.coda = [(weights_of(p), stream[p]) for p in inner.plan.coda]
+        self.prelude = [weights_of(p) for p in inner.plan.prelude]
+        self.coda = [weights_of(p) for p in inner.plan.coda]
         self.layer_args = dict(eps=cfg.rms_norm_eps, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
                                kernel=self.kernel, width=self.pool.max_pages)
 
@@ -199,8 +199,8 @@ class Runner:
 
         expert = inner.expert
         self.full_capacity = None if expert is None else torch.tensor(expert.full_capacity(), device=device)
-        self.prelude_streams = torch.tensor([s for _, s in self.prelude], dtype=torch.long, device=device)
-        self.coda_streams = torch.tensor([s for _, s in self.coda], dtype=torch.long, device=device)
+        self.prelude_streams = torch.tensor([stream[p] for p in inner.plan.prelude], dtype=torch.long, device=device)
+        self.coda_streams = torch.tensor([stream[p] for p in inner.plan.coda], dtype=torch.long, device=device)
 
         # What runs between the layers is four compiled functions (each a few fused kernels); the layers share one
         # compiled function.
@@ -365,13 +365,11 @@ class Runner:
                             write_at[:, j], writes[:, j], read_at[:, j], extra[:, j], **self.layer_args)
         return x
 
-    def _run_unique(self, x: Tensor, layers: list[tuple[tuple[Tensor, ...], int]], cos: Tensor, sin: Tensor,
-                    at: Tensor, writes: Tensor) -> Tensor:
+    def _run_unique(self, x: Tensor, weights: list[tuple[Tensor, ...]], cos: Tensor, sin: Tensor, at: Tensor,
+                    writes: Tensor) -> Tensor:
         """The prelude or coda positions; each writes its own stream and reads it, this entry included."""
-        for j, (w, _) in enumerate(layers):
-            x = self._layer(x, w, cos, sin, self.pages.keys, self.pages.values, self.pool.flat_tables,
-                            self.pool.flat_counts, at[:, j], writes, at[:, j], writes, **self.layer_args)
-        return x
+        mask = writes[:, None].expand_as(at)
+        return self._run_layers(x, weights, cos, sin, at, mask, at, mask)
 
     def _count(self, at: Tensor, writes: Tensor) -> None:
         """Count a stage's writes (``at`` [n, J] flat pair indices where ``writes``) in one scatter."""

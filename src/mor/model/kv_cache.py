@@ -47,7 +47,7 @@ class KVCache(Protocol):
         ...
 
 
-def _continue(layout: TokenLayout, lengths: Tensor, capacity: int) -> tuple[TokenLayout, Tensor]:
+def continue_rows(layout: TokenLayout, lengths: Tensor, capacity: int) -> tuple[TokenLayout, Tensor]:
     """Shift ``layout`` past ``lengths`` tokens per row; the new lengths, checked against ``capacity``."""
     if layout.documents is not None:
         raise ValueError("document_ids are not supported with a KV cache: decode one document per row")
@@ -93,7 +93,7 @@ class StaticKVCache:
                    cfg.head_dim, dtype or weight.dtype, weight.device)
 
     def extend(self, layout: TokenLayout) -> TokenLayout:
-        layout, self.lengths = _continue(layout, self.lengths, self.max_len)
+        layout, self.lengths = continue_rows(layout, self.lengths, self.max_len)
         self._bound = min(self.max_len, self._bound + layout.positions.shape[1])
         return layout
 
