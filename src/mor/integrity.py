@@ -13,9 +13,10 @@ import os
 import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST_FILE = "manifest.json"
 # Trained language-model weights stay within a few units (norm gains within tens); a runaway learning rate drives
@@ -73,6 +74,8 @@ def verify_manifest(folder: str | Path, names: Iterable[str] | None = None) -> N
 def weight_problem(state: Mapping[str, torch.Tensor], parameters: Iterable[str] = ()) -> str | None:
     """What is wrong with the values of a state dict, or None: a NaN or infinity in a floating-point tensor, or a
     magnitude above :data:`MAX_WEIGHT` in one of ``parameters`` (names; buffers such as token counts may be large)."""
+    import torch  # here, not at the top: data preparation (and its worker processes) uses this module without torch
+
     bounded = set(parameters)
     for name, tensor in state.items():
         if not tensor.is_floating_point() or tensor.numel() == 0:
@@ -87,6 +90,8 @@ def weight_problem(state: Mapping[str, torch.Tensor], parameters: Iterable[str] 
 def safe_torch_load(path: Path, **kwargs: Any) -> Any:
     """``torch.load`` of tensors and plain containers only; a file that holds other Python objects (which could
     run code when unpickled) is refused with CheckpointError and never loaded."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except pickle.UnpicklingError:

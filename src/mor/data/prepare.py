@@ -35,14 +35,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mor.data.sources import DataError, Source, iter_documents, parse_source
-from mor.data.tokenizer import TextTokenizer, load_tokenizer
+from mor.data.tokenizer import TOKENIZER_FILE, TextTokenizer, load_tokenizer
 from mor.integrity import sha256_file
 from mor.outputs import FolderLock, writable_folder
 
 FORMAT = "mor-token-shards"
 VERSION = 1
 INDEX_FILE = "index.json"
-TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 1 << 28  # 512 MiB per uint16 shard
 DEFAULT_VAL_FRACTION = 0.01

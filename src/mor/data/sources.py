@@ -17,7 +17,6 @@ Bad input raises :class:`DataError` naming the file and line (or row).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -25,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qsl
+
+from mor.integrity import sha256_file
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 COMPRESSIONS = (".gz", ".xz", ".zst")
@@ -74,7 +75,7 @@ class Source:
         root = Path(self.location)
         return {"spec": self.spec, "files": [
             {"path": str(f.relative_to(root)) if f != root else f.name, "bytes": f.stat().st_size,
-             "sha256": _sha256_file(f)} for f in self.files]}
+             "sha256": sha256_file(f)} for f in self.files]}
 
     def documents(self, text_field: str = "text") -> Iterator[str]:
         """The non-empty documents of this source, in a fixed order."""
@@ -142,14 +143,6 @@ def _parse_options(spec: str, query: str, allowed: set[str]) -> dict[str, str]:
     if unknown:
         raise DataError(f"{spec!r}: unknown option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
     return options
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _open_binary(path: Path, compression: str) -> IO[bytes]:

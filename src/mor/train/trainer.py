@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from mor import MoRForCausalLM
 from mor.config import MoRConfig
 from mor.data import PackedBatches, TokenShards, sequential_batches
+from mor.data.tokenizer import TOKENIZER_FILE
 from mor.model.flops import training_flops_per_token
 from mor.outputs import FolderLock, OutputError
 from mor.train import distributed
@@ -326,7 +327,7 @@ class Trainer:
         try:
             return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.model_config,
                                    trainer_state, rank_state, self.config.run.keep_last,
-                                   tokenizer=Path(self.config.data.path) / "tokenizer.json")
+                                   tokenizer=Path(self.config.data.path) / TOKENIZER_FILE)
         except BadWeightsError as error:
             self._diverged(f"the parameters are unusable ({error})", step=self.step)
 
