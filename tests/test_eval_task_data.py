@@ -1,6 +1,7 @@
-"""Where the eval tasks come from: each Hugging Face dataset's rows become exactly the items of the local files
-(items of llm-foundry's files, some shortened, written as rows of the Hub datasets), and one option picks the
-source. No network: the Hub is replaced by a stand-in for ``datasets``."""
+"""Where the eval tasks come from: each Hugging Face dataset's rows become the items the tasks read (checked
+against items written out here in the local files' form: llm-foundry items, some shortened, and the same items as
+rows of the Hub datasets), and one option picks the source. No network: the Hub is replaced by a stand-in for
+``datasets``."""
 
 from __future__ import annotations
 
