@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import os
 import pickle
 import shutil
 
@@ -121,6 +122,26 @@ def test_system_errors_name_the_path_and_the_fix(workspace, capsys, monkeypatch)
     assert main(argv) == 1
     assert capsys.readouterr().err == (f"error: cannot use {workspace}/out/train-00000.bin: no space is left on the "
                                        "device; free some space or write elsewhere\n")
+
+
+@pytest.mark.parametrize("code, reason, fix", [
+    (errno.ENOSPC, "no space is left on the device", "free some space or write elsewhere"),
+    (errno.EACCES, "permission denied", "fix its permissions or write elsewhere"),
+    (errno.EROFS, "the file system is read-only", "write elsewhere"),
+], ids=["full-disk", "permission", "read-only"])
+def test_output_checks_and_the_reporter_give_one_fix_per_system_error(tmp_path, monkeypatch, code, reason, fix):
+    import tempfile
+
+    from mor.outputs import OutputError, writable_folder
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(tmp_path / "probe"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", fail)
+    with pytest.raises(OutputError) as error:
+        writable_folder(tmp_path, "--out")
+    assert str(error.value) == f"--out: cannot write to {tmp_path} ({reason}); {fix}"
+    assert describe(OSError(code, os.strerror(code), "/x")) == f"cannot use /x: {reason}; {fix}"
 
 
 def test_bugs_are_one_line_and_debug_shows_the_traceback(workspace, capsys, monkeypatch):

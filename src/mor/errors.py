@@ -8,26 +8,15 @@ or ``MOR_DEBUG=1``, shows the traceback instead.
 
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import sys
 import traceback
 
-from mor.outputs import os_error_reason
+from mor.outputs import os_error_text
 
 DEBUG_FLAG = "--debug"
 PASSTHROUGH_COMMANDS = ("lm-eval",)  # their arguments belong to another program
-_OS_FIXES = {
-    errno.ENOSPC: "free some space or write elsewhere",
-    errno.EDQUOT: "free some space or write elsewhere",
-    errno.EACCES: "fix its permissions or write elsewhere",
-    errno.EPERM: "fix its permissions or write elsewhere",
-    errno.EROFS: "write elsewhere",
-    errno.ENOTDIR: "choose another path",
-    errno.EEXIST: "choose another path",
-    errno.EISDIR: "choose another path",
-}
 
 
 def split_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
@@ -54,8 +43,8 @@ def describe(error: BaseException) -> str:
     if isinstance(error, OSError):
         if error.filename is None:  # raised by mor, with its own message (e.g. FileNotFoundError "give ...")
             return message
-        fix = _OS_FIXES.get(error.errno, "check the path")
-        return f"cannot use {error.filename}: {os_error_reason(error)}; {fix}"
+        reason, fix = os_error_text(error)
+        return f"cannot use {error.filename}: {reason}; {fix}"
     if isinstance(error, pickle.UnpicklingError):
         return ("a file is not a safe checkpoint: it holds Python objects other than tensors, which could run code "
                 "when loaded, so it was refused; use a file from a source you trust")

@@ -26,21 +26,29 @@ class OutputError(ValueError):
     """An output that cannot be written: the message names the path, the reason and what to do."""
 
 
-def os_error_reason(error: OSError) -> str:
-    """A short, plain reason for a failed file operation."""
-    reasons = {
-        errno.ENOTDIR: "a part of the path is a file, not a folder",
-        errno.EEXIST: "a file is in the way where a folder is needed",
-        errno.EISDIR: "it is a folder, not a file",
-        errno.EACCES: "permission denied",
-        errno.EPERM: "the operation is not permitted (an immutable or protected folder)",
-        errno.EROFS: "the file system is read-only",
-        errno.ENOSPC: "no space is left on the device",
-        errno.EDQUOT: "the disk quota is exceeded",
-        errno.ENOENT: "it does not exist",
-        errno.ENAMETOOLONG: "the name is too long",
-    }
-    return reasons.get(error.errno, error.strerror or str(error))
+# Each errno that a file operation commonly fails with: a plain reason and what to do about it. The one table of
+# them: the checks below and the command's error reporter (mor.errors) both read it.
+OS_ERRORS: dict[int, tuple[str, str]] = {
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose another path"),
+    errno.EEXIST: ("a file is in the way where a folder is needed", "move the file or choose another path"),
+    errno.EISDIR: ("it is a folder, not a file", "give a file's path"),
+    errno.EACCES: ("permission denied", "fix its permissions or write elsewhere"),
+    errno.EPERM: ("the operation is not permitted (an immutable or protected folder)",
+                  "fix its permissions or write elsewhere"),
+    errno.EROFS: ("the file system is read-only", "write elsewhere"),
+    errno.ENOSPC: ("no space is left on the device", "free some space or write elsewhere"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free some space or write elsewhere"),
+    errno.ENOENT: ("it does not exist", "check the path"),
+    errno.ENAMETOOLONG: ("the name is too long", "choose a shorter path"),
+}
+DEFAULT_OS_FIX = "check the path"
+
+
+def os_error_text(error: OSError) -> tuple[str, str]:
+    """``(reason, fix)`` for a failed file operation, e.g. ``("no space is left on the device", "free some space
+    or write elsewhere")``."""
+    reason, fix = OS_ERRORS.get(error.errno, (None, DEFAULT_OS_FIX))
+    return reason or error.strerror or str(error), fix
 
 
 def writable_folder(path: str | Path, what: str, create: bool = True) -> Path:
@@ -64,8 +72,8 @@ def writable_folder(path: str | Path, what: str, create: bool = True) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
-        raise OutputError(f"{what}: cannot write to {path} ({os_error_reason(error)}); choose a writable folder or "
-                          "fix its permissions") from None
+        reason, fix = os_error_text(error)
+        raise OutputError(f"{what}: cannot write to {path} ({reason}); {fix}") from None
     return path
 
 
@@ -111,8 +119,8 @@ class FolderLock:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as error:
-                raise OutputError(f"cannot write to {self.folder} ({os_error_reason(error)}); choose a writable "
-                                  "folder or fix its permissions") from None
+                reason, fix = os_error_text(error)
+                raise OutputError(f"cannot write to {self.folder} ({reason}); {fix}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
