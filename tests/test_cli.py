@@ -30,6 +30,20 @@ def test_info_takes_every_set_in_either_form(sets, capsys):
     assert code == 0 and "middle_cycle / 4" in out
 
 
+def test_info_names_an_unknown_preset_or_a_broken_config_and_the_fix(tmp_path, capsys):
+    presets = "smollm-135m, smollm-360m, smollm-730m, smollm-1.7b, tiny, tiny-8l, quickstart"
+    code, _, err = run(["info", "smollm-36m"], capsys)
+    assert code == 2 and err == (f"error: unknown preset 'smollm-36m' (did you mean smollm-360m?); choose one of "
+                                 f"{presets}, or give a config.json\n")
+    code, _, err = run(["info", str(tmp_path / "config.json")], capsys)
+    assert code == 2 and err == (f"error: {tmp_path}/config.json does not exist; give a config.json, a checkpoint "
+                                 f"folder or a preset ({presets})\n")
+    (tmp_path / "config.json").write_text("vocab_size: 256\n")
+    code, _, err = run(["info", str(tmp_path)], capsys)  # a checkpoint folder: its config.json
+    assert code == 2 and err.startswith(f"error: {tmp_path}/config.json is not valid JSON (Expecting value at line 1, "
+                                        "column 1); give the config.json of a mor checkpoint")
+
+
 @pytest.fixture(scope="module")
 def sample_data(tmp_path_factory) -> str:
     """The bundled corpus, prepared: a dry run checks the data as a real run would."""

@@ -36,6 +36,8 @@ def workspace(tmp_path_factory):
     shutil.copytree(data, root / "corrupt")
     shard = root / "corrupt" / "train-00000.bin"
     shard.write_bytes(b"\xff" * shard.stat().st_size)
+    shutil.copytree(latest_checkpoint(root / "run"), root / "broken-config")
+    (root / "broken-config" / "config.json").write_text("{")
     shutil.copytree(latest_checkpoint(root / "run"), root / "tampered")
     weights = root / "tampered" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64] + b"\x07" * 64)
@@ -61,6 +63,9 @@ CASES = {
                                "{root}/afile/x.json"], "--out: {root}/afile is a file, not a folder", 2),
     "eval-empty-folder": (["eval", "{root}/empty", "--tasks", "copa"],
                           "{root}/empty is not a mor checkpoint (no config.json)", 2),
+    "eval-broken-config": (["eval", "{root}/broken-config", "--no-verify", "--tasks", "copa"],
+                           "{root}/broken-config/config.json is not valid JSON (Expecting property name enclosed in "
+                           "double quotes at line 1, column 2); give the config.json of a mor checkpoint", 2),
     "eval-tampered-weights": (["eval", "{root}/tampered", "--perplexity", "{root}/corpus.jsonl"],
                               "model.safetensors does not match its checksum", 2),
     "generate-tampered-weights": (["generate", "{root}/tampered"], "does not match its checksum", 2),

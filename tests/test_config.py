@@ -70,3 +70,18 @@ def test_json_round_trip(tmp_path):
                                 capacities=[1.0, 0.5, 0.25])
     cfg.save(tmp_path / "config.json")
     assert MoRConfig.load(tmp_path / "config.json") == cfg
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("not json", "{path} is not valid JSON (Expecting value at line 1, column 1); give the config.json of a mor "
+                 "checkpoint (written by save_pretrained, training or `mor convert`)"),
+    ("[1, 2]", "{path} holds an array, not a JSON object of fields; give the config.json of a mor checkpoint"),
+    ('{"num_layers": 3}', "{path}: unknown MoRConfig field(s) ['num_layers']; is this a mor config.json?"),
+    ('{"hidden_size": 0}', "{path}: MoRConfig.hidden_size: "),
+], ids=["not-json", "not-an-object", "unknown-field", "bad-value"])
+def test_a_file_that_is_no_config_is_named_with_the_fix(tmp_path, text, expected):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ValueError) as error:
+        MoRConfig.load(path)
+    assert str(error.value).startswith(expected.format(path=path)) and "\n" not in str(error.value)

@@ -89,3 +89,16 @@ def test_convert_refuses_router_models_to_hf_and_existing_output(tmp_path, capsy
     assert "no Mixture-of-Recursions architecture" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "mor"), str(tmp_path / "mor"), "--to", "mor"]) == 1
     assert "already holds a checkpoint" in capsys.readouterr().err
+
+
+def test_convert_names_a_broken_config_json(llama_dir, tmp_path, capsys):
+    import shutil
+
+    source = tmp_path / "llama"
+    shutil.copytree(llama_dir, source)
+    (source / "config.json").write_text('{"model_type": "llama",')
+    assert main(["convert", str(source), str(tmp_path / "out"), "--to", "mor"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {source}/config.json is not valid JSON (Expecting property name enclosed in double quotes "
+                   "at line 1, column 24); give a checkpoint folder with an intact config.json (Hugging Face Llama "
+                   "or mor) or a .gguf file\n")

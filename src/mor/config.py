@@ -299,10 +299,38 @@ class MoRConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "MoRConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The config in a ``config.json``; a ValueError naming the file (and the line, for broken JSON) when the
+        file is no mor config."""
+        data = read_json_object(path, CONFIG_JSON_FIX)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {' '.join(str(error).split())}") from error
 
     def replace(self, **changes: Any) -> "MoRConfig":
         return dataclasses.replace(self, **changes)
+
+
+CONFIG_JSON_FIX = "give the config.json of a mor checkpoint (written by save_pretrained, training or `mor convert`)"
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+
+
+def read_json_object(path: str | Path, fix: str) -> dict[str, Any]:
+    """The JSON object (``{...}``) that file ``path`` holds. Anything else is a one-line ValueError that names the
+    file, where the JSON breaks, and ``fix`` (what to give instead)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a JSON file (not UTF-8 text); {fix}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                         f"{fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds {_JSON_TYPES.get(type(data), type(data).__name__)}, not a JSON object of "
+                         f"fields; {fix}")
+    return data
 
 
 def _divisors_near(n: int, k: int) -> list[int]:

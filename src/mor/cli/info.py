@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+from pathlib import Path
 
 from mor.cli.common import add_set_argument, model_overrides
 from mor.config import PRESETS, MoRConfig
@@ -30,10 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         overrides = model_overrides(args.overrides)
-        if args.preset in PRESETS:
-            config = MoRConfig.from_preset(args.preset, **overrides)
-        else:
-            config = MoRConfig.load(args.preset).replace(**overrides)
+        config = _config(args.preset, overrides)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -58,6 +57,26 @@ def run(args: argparse.Namespace) -> int:
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     return 0
+
+
+def _config(name: str, overrides: dict) -> MoRConfig:
+    """The preset ``name``, or the config.json (or checkpoint folder) at that path, with ``overrides``."""
+    if name in PRESETS:
+        return MoRConfig.from_preset(name, **overrides)
+    path = Path(name)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{name} holds no config.json; give a checkpoint folder, a config.json or a "
+                                    f"preset ({', '.join(PRESETS)})")
+    elif not path.exists() and ("/" in name or name.endswith(".json")):
+        raise FileNotFoundError(f"{name} does not exist; give a config.json, a checkpoint folder or a preset "
+                                f"({', '.join(PRESETS)})")
+    elif not path.exists():
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"unknown preset {name!r}{hint}; choose one of {', '.join(PRESETS)}, or give a config.json")
+    return MoRConfig.load(path).replace(**overrides)
 
 
 def _layout(config: MoRConfig) -> list[int]:

@@ -60,11 +60,8 @@ def require_model_files(directory: Path) -> None:
 
 
 def load_config(directory: Path) -> MoRConfig:
-    path = directory / CONFIG_FILE
-    try:
-        return MoRConfig.load(path)
-    except (json.JSONDecodeError, TypeError) as error:
-        raise ValueError(f"{path} is not a valid mor config: {error}") from error
+    """The config of checkpoint ``directory``; MoRConfig.load names the file in any error."""
+    return MoRConfig.load(directory / CONFIG_FILE)
 
 
 def load_weights(directory: Path, model: nn.Module, device: str | torch.device = "cpu",
