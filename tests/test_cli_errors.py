@@ -97,7 +97,13 @@ def test_user_errors_are_one_line(workspace, capsys, case):
     (["data", "prepare", "{root}/corpus.jsonl", "--tokenizer", "{root}/tokenizer.json", "--out", "{root}/x",
       "--workers", "-2"], "--workers: must be at least 1, got -2"),
     (["train", "{root}/config.yaml", "--set", "optim.lr=[1"], "--set: 'optim.lr=[1': the value is not valid YAML"),
-], ids=["show-negative", "workers-negative", "set-unclosed-bracket"])
+    (["train", "{root}/config.yaml", "--dry-run", "--world-size", "0"], "--world-size: must be at least 1, got 0"),
+    (["eval", "{root}/tampered", "--tasks", "copa", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    (["eval", "{root}/tampered", "--tasks", "copa", "--num-fewshot", "-1"], "--num-fewshot: must be 0 or more, got -1"),
+    (["viz", "stats", "{root}/tampered", "--data", "{root}/corpus.jsonl", "--out", "{root}/x", "--rows", "0"],
+     "--rows: must be at least 1, got 0"),
+], ids=["show-negative", "workers-negative", "set-unclosed-bracket", "world-size-zero", "eval-batch-size-zero",
+        "eval-fewshot-negative", "viz-rows-zero"])
 def test_bad_option_values_are_usage_errors(workspace, capsys, argv, expected):
     with pytest.raises(SystemExit) as exit_:
         main([arg.format(root=workspace) for arg in argv])

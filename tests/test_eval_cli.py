@@ -56,11 +56,13 @@ def test_eval_explains_bad_invocations(workspace, capsys):
     ckpt = str(workspace / "ckpt")
     for argv, message in [([], "nothing to evaluate"),
                           (["--tasks", "nope"], "unknown task 'nope'"),
-                          (["--tasks", "copa", "--limit", "0"], "--limit must be at least 1"),
                           (["--tasks", "copa", "--data-dir", str(workspace)], "copa.jsonl does not exist"),
                           (["--perplexity", str(workspace / "missing.txt")], "does not exist")]:
         assert main(["eval", ckpt, "--device", "cpu", *argv]) == 2
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # a usage error, before the checkpoint is loaded
+        main(["eval", ckpt, "--device", "cpu", "--tasks", "copa", "--limit", "0"])
+    assert exit_.value.code == 2 and "argument --limit: must be at least 1, got 0" in capsys.readouterr().err
     (workspace / "ckpt" / "tokenizer.json").unlink()
     assert main(["eval", ckpt, "--tasks", "copa", "--device", "cpu"]) == 2
     assert "holds no tokenizer.json; pass the tokenizer" in capsys.readouterr().err

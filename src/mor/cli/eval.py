@@ -8,7 +8,8 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-from mor.cli.common import CHECKPOINT_HELP, add_checkpoint_arguments, add_routing_argument, load_model, routing_modes
+from mor.cli.common import (CHECKPOINT_HELP, add_checkpoint_arguments, add_routing_argument, load_model,
+                            non_negative_int, positive_int, routing_modes)
 from mor.eval.task_data import TASKS, data_source, load_docs, resolve_tasks
 
 
@@ -21,18 +22,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_checkpoint_arguments(parser, CHECKPOINT_HELP + "; with --transformers, a Hugging Face folder or a .gguf file")
     parser.add_argument("--tasks", default="", help=f"comma-separated tasks or groups 'paper', 'all'; tasks: "
                                                     f"{', '.join(TASKS)}")
-    parser.add_argument("--limit", type=int, help="score only the first N items of each task")
-    parser.add_argument("--num-fewshot", type=int, default=0, help="demonstrations per item (default 0)")
+    parser.add_argument("--limit", type=positive_int, help="score only the first N items of each task")
+    parser.add_argument("--num-fewshot", type=non_negative_int, default=0, help="demonstrations per item (default 0)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the few-shot draws (default 1234)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward (default 8)")
     add_routing_argument(parser)
     parser.add_argument("--perplexity", action="append", default=[], metavar="SOURCE",
                         help="held-out text for NLL/perplexity: a .txt file (one document), .jsonl[.xz|.gz] "
                              "(field 'text') or a folder prepared by `mor data prepare` (its val split); repeatable")
-    parser.add_argument("--perplexity-rows", type=int, default=500, help="rows to score per source (default 500)")
-    parser.add_argument("--seq-len", type=int, help="tokens per perplexity row (default: min(2048, the model's "
+    parser.add_argument("--perplexity-rows", type=positive_int, default=500, help="rows to score per source (default 500)")
+    parser.add_argument("--seq-len", type=positive_int, help="tokens per perplexity row (default: min(2048, the model's "
                                                     "max_position_embeddings))")
-    parser.add_argument("--max-length", type=int, help="context window for task scoring; longer inputs lose tokens "
+    parser.add_argument("--max-length", type=positive_int, help="context window for task scoring; longer inputs lose tokens "
                                                        "from the left (default: max_position_embeddings)")
     parser.add_argument("--data-dir", type=Path,
                         help="read the tasks from DIR/eval/*.jsonl instead of the Hugging Face Hub (default: "
@@ -66,11 +67,6 @@ def run_eval(args: argparse.Namespace) -> int:
         print("mor eval: nothing to evaluate; pass --tasks (e.g. --tasks paper) and/or --perplexity FILE",
               file=sys.stderr)
         return 2
-    for name in ("limit", "batch_size", "perplexity_rows", "seq_len", "max_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            print(f"mor eval: --{name.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
-            return 2
     # Read every input, and check the output, before the first forward pass: bad input fails in seconds, not
     # after hours.
     try:

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="make every check of a real run (config, data, run directory), print the resolved "
                              "budget and exit")
-    parser.add_argument("--world-size", type=int, default=None,
+    parser.add_argument("--world-size", type=positive_int, default=None,
                         help="with --dry-run: number of processes to plan for (default: $WORLD_SIZE or 1)")
     parser.set_defaults(func=run)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
-from mor.cli.common import add_checkpoint_arguments, add_routing_argument, load_model, routing_modes
+from mor.cli.common import add_checkpoint_arguments, add_routing_argument, load_model, positive_int, routing_modes
 from mor.outputs import writable_folder
 
 INSTALL_HINT = "mor viz needs matplotlib: pip install 'mor[viz]' (or pip install matplotlib)"
@@ -48,11 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("--data", required=True,
                        help="text to sample: .txt (one document), .jsonl[.xz|.gz] (field 'text') or a folder "
                             "prepared by `mor data prepare` (its val split)")
-    stats.add_argument("--rows", type=int, default=32, help="rows to analyse (default 32)")
-    stats.add_argument("--seq-len", type=int,
+    stats.add_argument("--rows", type=positive_int, default=32, help="rows to analyse (default 32)")
+    stats.add_argument("--seq-len", type=positive_int,
                        help="tokens per row (default: min(2048, the model's max_position_embeddings))")
-    stats.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
-    stats.add_argument("--top", type=int, default=15, help="tokens listed per depth (default 15)")
+    stats.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward (default 8)")
+    stats.add_argument("--top", type=positive_int, default=15, help="tokens listed per depth (default 15)")
     stats.add_argument("--no-scaling", action="store_true", help="skip the depth-scaling curve (Nr more passes)")
     stats.set_defaults(func=run_stats)
 
@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     runs.add_argument("--flops-per-token", nargs="+", type=float, metavar="FLOPS",
                       help="forward FLOPs per token instead of counting them from each run's config: one value for "
                            "all runs or one per run")
-    runs.add_argument("--seq-len", type=int, help="sequence length for the FLOP count (default: each run's)")
+    runs.add_argument("--seq-len", type=positive_int, help="sequence length for the FLOP count (default: each run's)")
     runs.set_defaults(func=run_runs)
 
     bench = commands.add_parser("bench", help="throughput against NLL from benchmark JSON",
@@ -135,10 +135,6 @@ def run_stats(args: argparse.Namespace) -> int:
     from mor.eval.perplexity import source_rows
     from mor.viz.report import routing_stats_report
 
-    for name in ("rows", "seq_len", "batch_size", "top"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            return _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     model, tokenizer = load_model(args)
     seq_len = args.seq_len or min(2048, model.config.max_position_embeddings)
     if seq_len > model.config.max_position_embeddings:
