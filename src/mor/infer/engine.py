@@ -239,18 +239,21 @@ class Engine:
             self.scheduler.waiting.append(request)
         return index
 
-    def cancel(self, request_id: int) -> None:
+    def cancel(self, request_id: int) -> bool:
         """Stop a request: it frees its row and pages at the next step and reports "cancelled" (a request still
-        waiting for a row is dropped at once and reports nothing; one that has already finished is left as it is)."""
+        waiting for a row is dropped at once and reports nothing; one that has already finished is left as it is).
+        True when it was dropped from the waiting queue, i.e. no step will report it."""
         request = self._requests.get(request_id)
         if request is None:
-            return
+            return False
         request.cancelled = True
         if request in self.scheduler.waiting:
             self.scheduler.waiting.remove(request)
             del self._requests[request_id]  # never admitted, so no step reports (and forgets) it
-        elif request.row >= 0:
+            return True
+        if request.row >= 0:
             self.runner.finish([request.row])
+        return False
 
     def cancel_all(self) -> None:
         """Drop every request, in flight or waiting, and free their rows and pages."""

@@ -185,9 +185,7 @@ class EngineWorker:
         request = stream.request_id
         if request not in self._streams:  # already ended
             return
-        waiting = any(r.index == request for r in self.engine.scheduler.waiting)
-        self.engine.cancel(request)
-        if waiting:  # never admitted: the engine has nothing to report of it
+        if self.engine.cancel(request):  # dropped while it waited for a row: the engine will not report it
             self._end(RequestOutput(request, [], [], "cancelled"))
 
     def _report(self, output: RequestOutput, now: float) -> None:
