@@ -30,11 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--perplexity", action="append", default=[], metavar="SOURCE",
                         help="held-out text for NLL/perplexity: a .txt file (one document), .jsonl[.xz|.gz] "
                              "(field 'text') or a folder prepared by `mor data prepare` (its val split); repeatable")
-    parser.add_argument("--perplexity-rows", type=positive_int, default=500, help="rows to score per source (default 500)")
-    parser.add_argument("--seq-len", type=positive_int, help="tokens per perplexity row (default: min(2048, the model's "
-                                                    "max_position_embeddings))")
-    parser.add_argument("--max-length", type=positive_int, help="context window for task scoring; longer inputs lose tokens "
-                                                       "from the left (default: max_position_embeddings)")
+    parser.add_argument("--perplexity-rows", type=positive_int, default=500,
+                        help="rows to score per source (default 500)")
+    parser.add_argument("--seq-len", type=positive_int,
+                        help="tokens per perplexity row (default: min(2048, the model's max_position_embeddings))")
+    parser.add_argument("--max-length", type=positive_int,
+                        help="context window for task scoring; longer inputs lose tokens from the left (default: "
+                             "max_position_embeddings)")
     parser.add_argument("--data-dir", type=Path,
                         help="read the tasks from DIR/eval/*.jsonl instead of the Hugging Face Hub (default: "
                              "$MOR_DATA_DIR; unset: each task's Hub dataset, read with datasets, which caches it "
