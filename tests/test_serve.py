@@ -97,9 +97,11 @@ def test_a_sampled_request_is_reproducible_from_its_seed(client):
     assert sample(7) == sample(7) != sample(8)
 
 
-def test_stop_strings_cut_the_text_and_end_the_request(checkpoint, client):
+def test_stop_strings_cut_the_text_and_end_the_request(checkpoint, server, client):
     _, model, tokenizer = checkpoint
     _, _, text = reference(model, tokenizer, "Hello", 60)
+    stopped, cancelled = 'mor_requests_total{finish_reason="stop"}', 'mor_requests_total{finish_reason="cancelled"}'
+    before = server.metrics()
     stop = text[12:15]
     cut = text[:text.index(stop)]
     reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=60, temperature=0, stop=[stop, "\x00z"])
@@ -108,6 +110,10 @@ def test_stop_strings_cut_the_text_and_end_the_request(checkpoint, client):
     chunks = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=60, temperature=0, stop=stop,
                                             stream=True))
     assert "".join(c.choices[0].text for c in chunks) == cut and chunks[-1].choices[0].finish_reason == "stop"
+    # The metrics count both requests as the client saw them end: "stop", not "cancelled" (the server cancels
+    # the rest of a request that a stop string ended).
+    metrics = wait_for(lambda: (m := server.metrics()).get(stopped, 0) == before.get(stopped, 0) + 2 and m)
+    assert metrics.get(cancelled, 0) == before.get(cancelled, 0) and metrics["mor_requests_running"] == 0
 
 
 def test_test_time_depth_per_request(checkpoint, client):

@@ -1,13 +1,17 @@
-"""The server's parts on their own: incremental text with stop strings, chat templates, Prometheus metrics."""
+"""The server's parts on their own: incremental text with stop strings, chat templates, Prometheus metrics, the
+engine worker."""
 
+import asyncio
 import json
 
 import pytest
 
 pytest.importorskip("jinja2", reason="chat templates need the serve extra: pip install 'mor[serve]'")
 
-from helpers import byte_tokenizer, tokens  # noqa: E402
+from helpers import byte_tokenizer, make_decisive, tokens, wait_for  # noqa: E402
 
+from mor.infer.engine import Engine  # noqa: E402
+from mor.infer.sampling import SamplingParams  # noqa: E402
 from mor.serve.chat import ChatTemplateError, end_of_turn_token, load_chat_template  # noqa: E402
 from mor.serve.detokenize import Detokenizer  # noqa: E402
 from mor.serve.metrics import Histogram, Metrics, parse  # noqa: E402
@@ -116,3 +120,33 @@ def test_a_hugging_face_llama_folder_or_a_gguf_is_served_through_the_llama_impor
     write_gguf(hf, tmp_path / "tiny.gguf")
     model, _ = load_served_model(str(tmp_path / "tiny.gguf"), str(tmp_path / "llama"), "cpu", "auto")
     assert_same_logits(model, hf, tokens())
+
+
+def test_the_worker_counts_each_request_as_the_server_ended_it():
+    """One row, so the second request waits. Cancelled while it waits, the engine drops it at once and says so,
+    and the worker ends it as "cancelled"; the running one, cancelled because a stop string ended its text, is
+    counted "stop", as its client was told."""
+    from mor.serve.worker import EngineWorker, Job
+
+    engine = Engine(make_decisive("expert"), max_batch_slots=1, max_seq_len=64, page_size=4)
+    metrics = Metrics(engine.cache.pool.num_pages)
+    worker = EngineWorker(engine, [], max_queue=1, metrics=metrics)  # no end token: only a cancel ends them early
+    worker.start()
+
+    async def requests() -> list[int]:
+        loop = asyncio.get_running_loop()
+        running = worker.submit(Job([1, 2, 3], 60, SamplingParams(), 0), loop)
+        waiting = worker.submit(Job([4, 5], 60, SamplingParams(), 0), loop)
+        first = await anext(aiter(running))  # it holds the row, the other one waits
+        waiting.cancel()
+        running.cancel("stop")
+        return first.tokens
+
+    try:
+        assert asyncio.run(requests())
+        wait_for(lambda: sum(metrics.finished.values()) == 2)
+        wait_for(lambda: not engine.busy)
+    finally:
+        worker.stop()
+    assert metrics.finished == {"cancelled": 1, "stop": 1}
+    assert engine.cache.pages_in_use() == 0

@@ -224,7 +224,7 @@ class _Server:
                 yield Piece(piece, ids, depths, finish)
                 ids, depths = [], []
             if text.stopped:
-                stream.cancel()
+                stream.cancel("stop")  # the client is told "stop", and so are the metrics
                 return
 
 

@@ -52,6 +52,7 @@ class Stream:
         self._loop = loop
         self._outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._ended = False  # read to the end, or cancelled
+        self.cancel_reason = "cancelled"  # what the metrics count a cancelled request as; set before the command
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         while True:
@@ -64,10 +65,12 @@ class Stream:
             if self._ended:
                 return
 
-    def cancel(self) -> None:
-        """Stop the request and free its row and pages; nothing happens once it has finished."""
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop the request and free its row and pages; nothing happens once it has finished. ``reason``: the
+        finish reason the metrics record, "stop" when a stop string ended it (the client was told "stop")."""
         if not self._ended:
             self._ended = True
+            self.cancel_reason = reason
             self._worker.cancel(self)
 
     def deliver(self, output: RequestOutput | BaseException) -> None:
@@ -202,8 +205,9 @@ class EngineWorker:
     def _end(self, output: RequestOutput, now: float | None = None) -> None:
         stream = self._streams[output.request]
         assert output.finish_reason is not None
-        self.metrics.finish(output.finish_reason, stream.arrival, stream.first_token, stream.tokens,
-                            now or time.perf_counter())
+        # A request the server cancelled ends as the server said: "stop" for a stop string.
+        reason = stream.cancel_reason if output.finish_reason == "cancelled" else output.finish_reason
+        self.metrics.finish(reason, stream.arrival, stream.first_token, stream.tokens, now or time.perf_counter())
         stream.deliver(output)
         self._forget([output.request])
 
