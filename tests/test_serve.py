@@ -225,6 +225,8 @@ BAD_REQUESTS = [
     ("max_recursions 0", "/v1/completions", {**OK, "max_recursions": 0}, 400, "max_recursions"),
     ("more extra recursions than allowed", "/v1/completions", {**OK, "extra_recursions": 5}, 400,
      "extra_recursions"),
+    ("both depth options", "/v1/completions", {**OK, "max_recursions": 1, "extra_recursions": 1}, 400,
+     "max_recursions"),
     ("an empty message list", "/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
     ("messages of the wrong type", "/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
     ("a message without a role", "/v1/chat/completions", {"model": MODEL, "messages": [{"content": "hi"}]}, 400,
@@ -247,6 +249,12 @@ def test_every_bad_input_gets_a_4xx_in_the_openai_error_shape_and_the_server_kee
                 or not error["message"]:
             failures.append(f"{name}: {got} {raw[:300]!r}")
     assert not failures, "\n".join(failures)
+    # The engine's checks speak of the one prompt of the request, and the server's fix, not Python's.
+    messages = {name: json.loads(server.request("POST", path, body)[2])["error"]["message"]
+                for name, path, body, _, _ in BAD_REQUESTS
+                if name in ("token ids outside the vocabulary", "more extra recursions than allowed")}
+    assert messages["token ids outside the vocabulary"] == "the prompt: token ids must lie in [0, 320)"
+    assert "mor serve --extra-recursions N" in messages["more extra recursions than allowed"]
     assert server.request("GET", "/v1/completions")[0] == 405
     assert server.request("POST", "/v1/completions", OK)[0] == 200
 

@@ -122,6 +122,25 @@ def test_a_hugging_face_llama_folder_or_a_gguf_is_served_through_the_llama_impor
     assert_same_logits(model, hf, tokens())
 
 
+# ---------------------------------------------------------------------------------------------- requests
+def test_the_engine_checks_a_request_s_depth_as_add_does_and_words_one_prompt_for_a_server():
+    engine = Engine(make_decisive("expert"), max_batch_slots=1, max_seq_len=32, page_size=4, extra_recursions=1)
+    for depth, message in ((dict(max_recursions=0), "max_recursions must be at least 1"),
+                           (dict(extra_recursions=2), "built for at most 1"),
+                           (dict(max_recursions=1, extra_recursions=1), "give either max_recursions")):
+        with pytest.raises(ValueError, match=message):
+            engine.check([1, 2], 4, None, **depth)
+        with pytest.raises(ValueError, match=message):
+            engine.add([1, 2], 4, **depth)
+    engine.check([1, 2], 4, None, extra_recursions=1)
+    engine.check([1, 2], 4, None, max_recursions=2)
+    with pytest.raises(ValueError, match=r"^the prompt: token ids must lie in \[0, 256\)$"):
+        engine.check([1, 999], 4, None)
+    with pytest.raises(ValueError, match=r"^prompt 3: token ids"):  # generate()'s numbering
+        engine.check([1, 999], 4, 3)
+    assert not engine.busy
+
+
 def test_the_worker_counts_each_request_as_the_server_ended_it():
     """One row, so the second request waits. Cancelled while it waits, the engine drops it at once and says so,
     and the worker ends it as "cancelled"; the running one, cancelled because a stop string ended its text, is

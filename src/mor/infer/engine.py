@@ -191,18 +191,39 @@ class Engine:
         return EngineOutput(results, self._stats(results, end - start))
 
     # ------------------------------------------------------------------ incremental serving
-    def check(self, prompt: Sequence[int], max_new_tokens: int, index: int = 0) -> None:
-        """Raise ValueError for a request this engine can never serve (bad ids, too long, too big for the pool)."""
-        check_prompts([len(prompt)], max_new_tokens, self.max_seq_len, first=index)
+    def check(self, prompt: Sequence[int], max_new_tokens: int, index: int | None = 0,
+              max_recursions: int | None = None, extra_recursions: int | None = None) -> None:
+        """Raise ValueError for a request this engine can never serve: bad ids, too long, too big for the pool, or
+        a test-time depth (``max_recursions``, ``extra_recursions``, as :meth:`add` takes them) that the model
+        cannot apply or that passes the engine's ``extra_recursions``. ``index`` numbers the prompt in the
+        messages (``generate``'s prompts); ``None`` words them for one request, "the prompt" (a server's, which
+        checks the lengths against its context itself first)."""
+        self._depth(max_recursions, extra_recursions)
+        check_prompts([len(prompt)], max_new_tokens, self.max_seq_len, first=index or 0)
+        name = "the prompt" if index is None else f"prompt {index}"
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
-            raise ValueError(f"prompt {index}: token ids must lie in [0, {vocab})")
+            raise ValueError(f"{name}: token ids must lie in [0, {vocab})")
         pool = self.cache.pool
         # Refuse up front what can never fit, rather than failing mid-run and losing finished results.
         needed = self._streams_every_token_writes() * math.ceil((len(prompt) + max_new_tokens) / pool.page_size)
         if needed > pool.num_pages:
-            raise ValueError(f"prompt {index}: {len(prompt)} prompt + {max_new_tokens} new tokens need at least "
+            raise ValueError(f"{name}: {len(prompt)} prompt + {max_new_tokens} new tokens need at least "
                              f"{needed} KV pages but the pool holds {pool.num_pages}; give the engine more pages")
+
+    def _depth(self, max_recursions: int | None, extra_recursions: int | None) -> tuple[int | None, int, int]:
+        """A request's test-time depth as it runs: ``(max_recursions, extra_recursions, steps)``, the engine's own
+        when it names neither; ValueError if the model cannot apply it or it asks for more extra recursions than
+        the engine was built for. :meth:`check` and :meth:`add` both go through here."""
+        if max_recursions is None and extra_recursions is None:
+            max_recursions, extra_recursions = self.max_recursions, self.extra_recursions
+        extra_recursions = extra_recursions or 0
+        if extra_recursions > self.extra_recursions:
+            raise ValueError(f"extra_recursions={extra_recursions}: this engine was built for at most "
+                             f"{self.extra_recursions}; build it with Engine(..., extra_recursions=N) (a server: "
+                             "mor serve --extra-recursions N)")
+        steps = len(self.model.model.recursion_steps(max_recursions, extra_recursions))
+        return max_recursions, extra_recursions, steps
 
     @staticmethod
     def mode_of(params: SamplingParams) -> str:
@@ -224,13 +245,7 @@ class Engine:
         """Queue a request; its id. Validate it first with :meth:`check`. ``max_recursions`` and
         ``extra_recursions`` (default: the engine's) set its test-time depth; it may ask for at most the engine's
         ``extra_recursions``."""
-        if max_recursions is None and extra_recursions is None:
-            max_recursions, extra_recursions = self.max_recursions, self.extra_recursions
-        extra_recursions = extra_recursions or 0
-        if extra_recursions > self.extra_recursions:
-            raise ValueError(f"extra_recursions={extra_recursions}: this engine was built for at most "
-                             f"{self.extra_recursions}; build it with Engine(..., extra_recursions=N)")
-        steps = len(self.model.model.recursion_steps(max_recursions, extra_recursions))
+        max_recursions, extra_recursions, steps = self._depth(max_recursions, extra_recursions)
         index = self._next_id
         self._next_id += 1
         request = Request(index, list(prompt), max_new_tokens, params, seed, max_recursions, extra_recursions, steps)

@@ -162,29 +162,18 @@ class _Server:
             raise APIError(400, f"the prompt has {len(prompt)} tokens and 'max_tokens' is {max_tokens}, past the "
                                 f"context of {context}; ask for at most {context - len(prompt)}", "max_tokens")
         temperature = 1.0 if body.temperature is None else body.temperature
-        if not temperature >= 0:
-            raise APIError(400, f"'temperature' must be >= 0 (0 is greedy), got {temperature}", "temperature")
-        if body.top_p is not None and not 0 < body.top_p <= 1:
-            raise APIError(400, f"'top_p' must lie in (0, 1], got {body.top_p}", "top_p")
-        if body.top_k is not None and body.top_k < 1:
-            raise APIError(400, f"'top_k' must be at least 1 (leave it out for no limit), got {body.top_k}", "top_k")
-        extra = body.extra_recursions
-        if extra is not None and extra > self.engine.extra_recursions:
-            raise APIError(400, f"'extra_recursions' is {extra} but this server allows at most "
-                                f"{self.engine.extra_recursions}; start it with --extra-recursions {extra}",
-                           "extra_recursions")
         try:
-            self.model.model.recursion_steps(body.max_recursions, extra or 0)
+            params = SamplingParams(temperature > 0, temperature, body.top_k, body.top_p)
         except ValueError as error:
-            raise APIError(400, str(error), "extra_recursions" if extra else "max_recursions") from None
-        try:
-            self.engine.check(prompt, max_tokens)
-        except ValueError as error:  # token ids outside the vocabulary, or more KV pages than the pool holds
-            raise APIError(400, str(error).replace("prompt 0", "the prompt", 1)) from None
-        params = SamplingParams(temperature > 0, temperature, body.top_k, body.top_p)
-        seed = random.randrange(2**32) if body.seed is None else body.seed % 2**32  # the engine keeps 32 bits
+            raise _bad_request(error, ("temperature", "top_k", "top_p")) from None
         # 0, not None: the engine's extra_recursions is the most a request may ask, not a default for all.
-        return Job(prompt, max_tokens, params, seed, body.max_recursions, extra or 0)
+        extra = body.extra_recursions or 0
+        try:  # the depth options; token ids outside the vocabulary; more KV pages than the pool holds
+            self.engine.check(prompt, max_tokens, None, body.max_recursions, extra)
+        except ValueError as error:
+            raise _bad_request(error, ("max_recursions", "extra_recursions")) from None
+        seed = random.randrange(2**32) if body.seed is None else body.seed % 2**32  # the engine keeps 32 bits
+        return Job(prompt, max_tokens, params, seed, body.max_recursions, extra)
 
     async def _generate(self, request: Request, body: SamplingRequest, prompt: list[int], max_tokens: int,
                         chat: bool) -> Response:
@@ -311,6 +300,14 @@ async def _disconnect(receive: Receive) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- errors
+def _bad_request(error: ValueError, fields: tuple[str, ...]) -> APIError:
+    """The 400 for a check's ValueError; ``param`` is the one of ``fields`` that its message names first (the
+    checks begin with the option they refuse: "top_p must lie in ...", "extra_recursions=2: ..."), or None."""
+    message = str(error)
+    named = [(message.find(name), name) for name in fields if name in message]
+    return APIError(400, message, min(named)[1] if named else None)
+
+
 async def _api_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, APIError)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
