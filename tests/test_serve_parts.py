@@ -1,10 +1,11 @@
-"""The server's parts on their own: incremental text with stop strings, chat templates, Prometheus metrics, the
-engine worker."""
+"""The server's parts on their own: incremental text with stop strings, chat templates, Prometheus metrics, model
+loading, the request checks and the engine worker."""
 
 import asyncio
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("jinja2", reason="chat templates need the serve extra: pip install 'mor[serve]'")
 
@@ -120,6 +121,27 @@ def test_a_hugging_face_llama_folder_or_a_gguf_is_served_through_the_llama_impor
     write_gguf(hf, tmp_path / "tiny.gguf")
     model, _ = load_served_model(str(tmp_path / "tiny.gguf"), str(tmp_path / "llama"), "cpu", "auto")
     assert_same_logits(model, hf, tokens())
+    write_gguf(hf, tmp_path / "llama" / "tiny.gguf")  # with a tokenizer.json beside it, no --tokenizer needed
+    model, text_tokenizer = load_served_model(str(tmp_path / "llama" / "tiny.gguf"), None, "cpu", "auto")
+    assert_same_logits(model, hf, tokens())
+    assert text_tokenizer.path.parent == tmp_path / "llama"
+
+
+def test_a_mor_checkpoint_is_served_as_mor_pretrained_loads_it(tmp_path, tokenizer):
+    from mor.pretrained import load_model_and_tokenizer
+    from mor.serve.server import load_served_model
+
+    make_decisive("expert", vocab_size=320).save_pretrained(tmp_path / "mor")
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        load_served_model(str(tmp_path / "mor"), None, "cpu", "auto")
+    tokenizer.save(str(tmp_path / "mor" / "tokenizer.json"))
+    model, _ = load_served_model(str(tmp_path / "mor"), None, "cpu", "auto")
+    reference, _ = load_model_and_tokenizer(tmp_path / "mor", device="cpu")
+    assert model.config == reference.config and not model.training
+    ids = tokens(vocab=320)
+    assert torch.equal(model(ids).logits, reference(ids).logits)
+    with pytest.raises(FileNotFoundError, match="does not exist; give a mor checkpoint folder, a Hugging Face"):
+        load_served_model(str(tmp_path / "nowhere"), None, "cpu", "auto")
 
 
 # ---------------------------------------------------------------------------------------------- requests

@@ -3,16 +3,14 @@ uvicorn until SIGTERM (``mor serve`` parses its options into :class:`ServeOption
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mor.data.tokenizer import TOKENIZER_FILE, TextTokenizer, load_tokenizer
+from mor.data.tokenizer import TextTokenizer
 from mor.model import MoRForCausalLM
-from mor.model.io import CONFIG_FILE
 
 
 @dataclass(frozen=True)
@@ -33,31 +31,13 @@ class ServeOptions:
 
 def load_served_model(path: str | Path, tokenizer: str | Path | None, device: str, dtype: str,
                       verify: bool = True) -> tuple[MoRForCausalLM, TextTokenizer]:
-    """A mor checkpoint folder as ``mor.pretrained`` loads it; a Hugging Face Llama folder or a ``.gguf`` file
-    through the Llama import (a vanilla mor model with the same logits), with the tokenizer beside it or
-    ``tokenizer``."""
-    from mor.pretrained import load_model_and_tokenizer, resolve_dtype
+    """A mor checkpoint folder, or a Hugging Face Llama folder or a ``.gguf`` file through the Llama import (a
+    vanilla mor model with the same logits), with the tokenizer beside it or ``tokenizer``: what
+    :func:`mor.pretrained.load_model_and_tokenizer` loads with ``llama=True``."""
+    from mor.pretrained import load_model_and_tokenizer
 
-    source = Path(path)
-    config = source / CONFIG_FILE
-    if source.is_dir() and config.is_file() and json.loads(config.read_text()).get("model_type") == "mor":
-        model, text_tokenizer = load_model_and_tokenizer(source, tokenizer, device, dtype, verify=verify)
-        assert isinstance(model, MoRForCausalLM)
-        return model, text_tokenizer
-    if not source.exists():
-        raise FileNotFoundError(f"checkpoint {source} does not exist; give a mor checkpoint folder, a Hugging Face "
-                                "Llama folder or a .gguf file")
-    from mor.interop.llama import load_hf_llama
-
-    folder = source if source.is_dir() else source.parent
-    if tokenizer is None and not (folder / TOKENIZER_FILE).is_file():
-        raise FileNotFoundError(f"{folder} holds no {TOKENIZER_FILE}; pass the model's tokenizer with --tokenizer "
-                                "PATH")
-    text_tokenizer = load_tokenizer(tokenizer or folder)
-    model = load_hf_llama(source, resolve_dtype(dtype, device)).to(device)
-    if text_tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer {text_tokenizer.path} has {text_tokenizer.vocab_size} tokens but the model's "
-                         f"vocabulary holds {model.config.vocab_size}; pass the tokenizer it was trained with")
+    model, text_tokenizer = load_model_and_tokenizer(path, tokenizer, device, dtype, verify=verify, llama=True)
+    assert isinstance(model, MoRForCausalLM)
     return model, text_tokenizer
 
 
