@@ -64,7 +64,7 @@ def test_train_takes_every_set_in_either_form(sets, sample_data, capsys):
 def test_convert_uses_the_same_set(tmp_path, capsys):
     code, _, err = run(["convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "mor",
                         "--router", "expert", "--set", "capacities=[1.0,0.5,0.25]", "no_such_field=1"], capsys)
-    assert code == 1 and "'no_such_field' is not a MoRConfig field" in err
+    assert code == 2 and "'no_such_field' is not a MoRConfig field" in err
 
 
 @pytest.mark.parametrize("argv", [["train", "CONFIG", "--set", "optim.lr"],

@@ -8,6 +8,7 @@ import importlib
 import os
 import pickle
 import shutil
+import sys
 
 import pytest
 import yaml
@@ -15,7 +16,7 @@ from helpers import make_dataset, tiny_config
 
 from mor.cli import main
 from mor.data import prepare
-from mor.errors import describe, split_debug_flag
+from mor.errors import describe, exit_status, split_debug_flag
 from mor.train import train
 from mor.train.checkpoint import latest_checkpoint
 
@@ -30,6 +31,7 @@ def workspace(tmp_path_factory):
     (root / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
     prepare([root / "corpus.jsonl"], root / "tokenizer.json", root / "other-data", val_fraction=0.2, progress=False)
     (root / "afile").write_text("a file, not a folder")
+    (root / "broken.yaml").write_text("model:\n  preset: tiny\n  capacities: [1.0, 0.5\ndata: {}\n")
     (root / "empty").mkdir()
     shutil.copytree(data, root / "no-shard")
     (root / "no-shard" / "train-00000.bin").unlink()
@@ -53,10 +55,18 @@ CASES = {
                                 "set model.vocab_size to at least 300", 2),
     "dry-run-missing-data": (["train", "{root}/config.yaml", "--dry-run", "--set", "data.path={root}/nowhere"],
                              "nowhere is not a prepared token folder", 2),
+    "train-broken-yaml": (["train", "{root}/broken.yaml"],
+                          "error: {root}/broken.yaml: not valid YAML: while parsing a flow sequence at line 3, column "
+                          "15: expected ',' or ']', but got ':' at line 4, column 5; correct the YAML at line 4, "
+                          "column 5", 2),
+    "dry-run-run-dir-under-a-file": (["train", "{root}/config.yaml", "--dry-run", "--set",
+                                      "run.out_dir={root}/afile/run"],
+                                     "run.out_dir: {root}/afile/run lies under {root}/afile, which is a file; choose "
+                                     "another path", 2),
     "run-dir-under-a-file": (["train", "{root}/config.yaml", "--set", "run.out_dir={root}/afile/run"],
                              "run.out_dir: cannot write to {root}/afile/run (a part of the path is a file", 2),
     "resume-with-other-data": (["train", "{root}/config.yaml", "--resume", "--set", "data.path={root}/other-data"],
-                               "was trained on other data than data.path {root}/other-data holds", 1),
+                               "was trained on other data than data.path {root}/other-data holds", 2),
     "eval-seq-len-past-context": (["eval", "{root}/tampered", "--no-verify", "--perplexity", "{root}/corpus.jsonl",
                                    "--seq-len", "4096"], "--seq-len 4096 exceeds the model's context", 2),
     "eval-out-under-a-file": (["eval", "{root}/tampered", "--perplexity", "{root}/corpus.jsonl", "--out",
@@ -72,12 +82,12 @@ CASES = {
     "verify-missing-shard": (["data", "inspect", "{root}/no-shard", "--verify"],
                              "verify: 1 file(s) differ from the index: train-00000.bin (missing)", 1),
     "show-corrupt-shard": (["data", "inspect", "{root}/corrupt", "--show", "5"],
-                           "train-00000.bin holds token id 65535 at position 0", 1),
+                           "train-00000.bin holds token id 65535 at position 0", 2),
     "prepare-out-is-a-file": (["data", "prepare", "{root}/corpus.jsonl", "--tokenizer", "{root}/tokenizer.json",
-                               "--out", "{root}/afile"], "output folder: {root}/afile is a file, not a folder", 1),
+                               "--out", "{root}/afile"], "output folder: {root}/afile is a file, not a folder", 2),
     "prepare-other-inputs": (["data", "prepare", "{root}/corpus.jsonl", "--tokenizer", "{root}/tokenizer.json",
-                              "--out", "{root}/other-data"], "pass --overwrite", 1),
-    "sample-into-other-data": (["data", "sample", "--out", "{root}/other-data"], "pass --overwrite", 1),
+                              "--out", "{root}/other-data"], "pass --overwrite", 2),
+    "sample-into-other-data": (["data", "sample", "--out", "{root}/other-data"], "pass --overwrite", 2),
 }
 
 
@@ -88,6 +98,7 @@ def test_user_errors_are_one_line(workspace, capsys, case):
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and len(lines) <= 1, err
+    assert all(line.startswith("error: ") for line in lines), err  # one prefix, whatever the command
     # The problem is reported on stderr; `inspect --verify` reports its finding on stdout.
     assert expected.format(root=workspace) in (lines[0] if lines else out.splitlines()[-1]), err
 
@@ -108,6 +119,15 @@ def test_bad_option_values_are_usage_errors(workspace, capsys, argv, expected):
     with pytest.raises(SystemExit) as exit_:
         main([arg.format(root=workspace) for arg in argv])
     assert exit_.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_viz_without_matplotlib_says_how_to_install_it(workspace, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails as when it is not installed
+    argv = ["viz", "depth", str(workspace / "tampered"), "--text", "x", "--out", str(workspace / "viz")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ("error: mor viz needs matplotlib: pip install 'mor[viz]' (or pip install "
+                                       "matplotlib)\n")
+    assert not (workspace / "viz").exists()
 
 
 def test_sample_passes_overwrite_on(workspace, monkeypatch):
@@ -174,25 +194,49 @@ def test_bugs_are_one_line_and_debug_shows_the_traceback(workspace, capsys, monk
         assert err.startswith("Traceback") and "KeyError: 'splits'" in err
 
 
-@pytest.mark.parametrize("error, expected", [
+def _yaml_error(text: str) -> yaml.YAMLError:
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        return error
+    raise AssertionError(f"{text!r} is valid YAML")
+
+
+def _diverged() -> Exception:
+    from mor.train.trainer import TrainingDiverged
+
+    return TrainingDiverged("step 7: the loss is nan; the last good checkpoint is runs/a/step-5. Lower optim.lr")
+
+
+# (the error, its one line, the exit status: 2 for bad input, 1 for a run that failed or a bug)
+@pytest.mark.parametrize("error, expected, status", [
     (OSError(errno.EACCES, "Permission denied", "/data/x"),
-     "cannot use /data/x: permission denied; fix its permissions or write elsewhere"),
-    (FileNotFoundError("no tokenizer at x: give a tokenizer.json"), "no tokenizer at x: give a tokenizer.json"),
+     "cannot use /data/x: permission denied; fix its permissions or write elsewhere", 1),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/x"),
+     "cannot use /data/x: it does not exist; check the path", 1),
+    (FileNotFoundError("no tokenizer at x: give a tokenizer.json"), "no tokenizer at x: give a tokenizer.json", 2),
     (pickle.UnpicklingError("Weights only load failed.\n Re-running with weights_only=False will likely succeed"),
      "a file is not a safe checkpoint: it holds Python objects other than tensors, which could run code when loaded, "
-     "so it was refused; use a file from a source you trust"),
+     "so it was refused; use a file from a source you trust", 2),
     (MemoryError(), "out of memory; use a smaller batch (batch.micro_batch_size, --batch-size) or sequence length, or "
-                    "a machine with more memory"),
+                    "a machine with more memory", 1),
     (ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib"),
      "No module named 'matplotlib'; install the package that provides it (pip install 'mor[all]' brings every "
-     "optional one)"),
-    (yaml.YAMLError("while parsing\n  a flow sequence"), "while parsing a flow sequence"),
-    (ValueError("top_p must lie in (0, 1]"), "top_p must lie in (0, 1]"),
+     "optional one)", 2),
+    (yaml.YAMLError("while parsing\n  a flow sequence"), "while parsing a flow sequence", 2),
+    (_yaml_error("a: b: c"), "mapping values are not allowed here at line 1, column 5; correct the YAML there", 2),
+    (ValueError("c.yaml: not valid YAML: " + str(_yaml_error("x:\n  - [1, 2\ny: 3"))),
+     "c.yaml: not valid YAML: while parsing a flow sequence at line 2, column 5: expected ',' or ']', but got ':' at "
+     "line 3, column 2; correct the YAML at line 3, column 2", 2),
+    (ValueError("top_p must lie in (0, 1]"), "top_p must lie in (0, 1]", 2),
+    (_diverged(), "step 7: the loss is nan; the last good checkpoint is runs/a/step-5. Lower optim.lr", 1),
     (RuntimeError("boom"), "internal error (RuntimeError: boom); this is a bug in mor: run again with --debug (or "
-                           "MOR_DEBUG=1) for the traceback and report it"),
-], ids=["system", "mor-file-not-found", "unpickling", "memory", "missing-module", "yaml", "value", "bug"])
-def test_each_kind_of_error_is_described_in_one_line(error, expected):
+                           "MOR_DEBUG=1) for the traceback and report it", 1),
+], ids=["system", "system-not-found", "mor-file-not-found", "unpickling", "memory", "missing-module", "yaml",
+        "yaml-marked", "yaml-in-a-config-error", "value", "diverged", "bug"])
+def test_each_kind_of_error_is_described_in_one_line(error, expected, status):
     assert describe(error) == expected
+    assert exit_status(error) == status
 
 
 def test_debug_flag_is_left_to_passthrough_commands(monkeypatch):

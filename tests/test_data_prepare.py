@@ -207,7 +207,7 @@ def test_cli_prepare_inspect_and_tokenizer_train(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "54 documents" in printed and "6 documents" in printed and "all shards match" in printed
     assert main(["data", "prepare", str(tmp_path / "missing.jsonl"), "--tokenizer", str(tmp_path / "tok"),
-                 "--out", str(tmp_path / "out2")]) == 1
+                 "--out", str(tmp_path / "out2")]) == 2
     assert "missing.jsonl' does not exist" in capsys.readouterr().err
 
 

@@ -78,16 +78,16 @@ def test_convert_vanilla_import_with_dtype_and_tokenizer_option(llama_dir, tmp_p
     (["--to", "mor", "--tokenizer", "/nonexistent/tok"], "does not exist"),
 ])
 def test_convert_reports_bad_arguments(llama_dir, tmp_path, capsys, extra, message):
-    assert main(["convert", str(llama_dir), str(tmp_path / "out"), *extra]) == 1
+    assert main(["convert", str(llama_dir), str(tmp_path / "out"), *extra]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_convert_refuses_router_models_to_hf_and_existing_output(tmp_path, capsys):
     model = MoRForCausalLM(MoRConfig.from_preset("tiny", sharing="middle_cycle", num_recursions=3, router="token"))
     model.save_pretrained(tmp_path / "mor")
-    assert main(["convert", str(tmp_path / "mor"), str(tmp_path / "hf"), "--to", "hf"]) == 1
+    assert main(["convert", str(tmp_path / "mor"), str(tmp_path / "hf"), "--to", "hf"]) == 2
     assert "no Mixture-of-Recursions architecture" in capsys.readouterr().err
-    assert main(["convert", str(tmp_path / "mor"), str(tmp_path / "mor"), "--to", "mor"]) == 1
+    assert main(["convert", str(tmp_path / "mor"), str(tmp_path / "mor"), "--to", "mor"]) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
 
 
@@ -97,7 +97,7 @@ def test_convert_names_a_broken_config_json(llama_dir, tmp_path, capsys):
     source = tmp_path / "llama"
     shutil.copytree(llama_dir, source)
     (source / "config.json").write_text('{"model_type": "llama",')
-    assert main(["convert", str(source), str(tmp_path / "out"), "--to", "mor"]) == 1
+    assert main(["convert", str(source), str(tmp_path / "out"), "--to", "mor"]) == 2
     err = capsys.readouterr().err
     assert err == (f"error: {source}/config.json is not valid JSON (Expecting property name enclosed in double quotes "
                    "at line 1, column 24); give a checkpoint folder with an intact config.json (Hugging Face Llama "

@@ -161,6 +161,11 @@ def test_cli_depth_and_stats(tmp_path, capsys):
     printed = capsys.readouterr()
     assert printed.out.startswith("causal: ") and str(out / "depth.json") in printed.err
     assert "routing: causal" in (out / "depth.html").read_text() and is_png(out / "depth.png")
+    missing = tmp_path / "missing.txt"
+    assert main(["viz", "depth", str(checkpoint), "--tokenizer", tokenizer, "--text-file", str(missing),
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"error: --text-file {missing} does not exist; give a UTF-8 text file, or the "
+                                       "text itself with --text\n")
 
     text = tmp_path / "text.txt"
     text.write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 20)

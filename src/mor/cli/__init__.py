@@ -2,7 +2,9 @@
 
 A command module defines ``register(subparsers)``, which adds its subcommands and sets each one's ``func`` (a
 handler taking the parsed arguments and returning the exit status); listing the module in ``COMMAND_MODULES``
-makes its commands part of ``mor``. Registering imports no torch, numpy or tokenizers (handlers import what they
+makes its commands part of ``mor``. Handlers raise errors rather than print them: :func:`main` hands every one to
+:func:`mor.errors.report_error`, which prints it as one line and chooses the exit status (2 bad input, 1 a failed
+run or a bug). Registering imports no torch, numpy or tokenizers (handlers import what they
 need when they run), so ``mor --help`` and argument errors answer at once.
 """
 

@@ -9,7 +9,6 @@ to SRC (or from ``--tokenizer``) are copied along.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +46,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mor.interop.llama import UnsupportedCheckpointError
-
-    try:
-        return _convert(args)
-    except (UnsupportedCheckpointError, FileNotFoundError, ValueError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-
-
-def _convert(args: argparse.Namespace) -> int:
     import torch
 
     from mor.interop.llama import copy_tokenizer_files, export_hf, load_any_model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from mor.cli.common import non_negative_int, positive_int
@@ -65,22 +64,14 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="JSON field or column holding the text (default text)")
 
 
-def _fail(error: Exception) -> int:
-    print(f"error: {error}", file=sys.stderr)
-    return 1
-
-
 def _prepare(args: argparse.Namespace) -> int:
     from mor.data.prepare import prepare  # numpy and tokenizers: imported when a command runs, not for --help
     from mor.data.tokenizer import load_tokenizer
 
     shard_tokens = {"shard_tokens": args.shard_tokens} if args.shard_tokens else {}
-    try:
-        index = prepare(args.sources, load_tokenizer(args.tokenizer, args.eos_token), args.out, val_sources=args.val,
-                        val_fraction=args.val_fraction, text_field=args.text_field, workers=args.workers,
-                        overwrite=args.overwrite, **shard_tokens)
-    except (FileNotFoundError, ValueError, ImportError) as error:  # DataError is a ValueError
-        return _fail(error)
+    index = prepare(args.sources, load_tokenizer(args.tokenizer, args.eos_token), args.out, val_sources=args.val,
+                    val_fraction=args.val_fraction, text_field=args.text_field, workers=args.workers,
+                    overwrite=args.overwrite, **shard_tokens)
     print(_summary(index))
     return 0
 
@@ -102,10 +93,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from mor.data.shards import TokenShards, read_index
     from mor.data.tokenizer import load_tokenizer
 
-    try:
-        index = read_index(args.dir)
-    except (FileNotFoundError, ValueError) as error:
-        return _fail(error)
+    index = read_index(args.dir)
     print(_summary(index))
     if args.verify:
         bad = damaged_files(Path(args.dir), index)
@@ -123,21 +111,15 @@ def _inspect(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     from mor.data.sample import prepare_sample
 
-    try:
-        print(_summary(prepare_sample(args.out, overwrite=args.overwrite)))
-    except ValueError as error:
-        return _fail(error)
+    print(_summary(prepare_sample(args.out, overwrite=args.overwrite)))
     return 0
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:
     from mor.data.tokenizer import train_tokenizer
 
-    try:
-        tok = train_tokenizer(args.sources, args.vocab_size, args.out, text_field=args.text_field,
-                              min_frequency=args.min_frequency)
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        return _fail(error)
+    tok = train_tokenizer(args.sources, args.vocab_size, args.out, text_field=args.text_field,
+                          min_frequency=args.min_frequency)
     print(f"wrote {tok.path}: vocab {tok.vocab_size:,}, eos {tok.eos_token!r} = {tok.eos_token_id}, "
           f"sha256 {tok.sha256[:16]}…")
     return 0

@@ -66,28 +66,22 @@ def run_eval(args: argparse.Namespace) -> int:
     from mor.outputs import writable_file
 
     if not args.tasks and not args.perplexity:
-        print("mor eval: nothing to evaluate; pass --tasks (e.g. --tasks paper) and/or --perplexity FILE",
-              file=sys.stderr)
-        return 2
+        raise ValueError("nothing to evaluate; pass --tasks (e.g. --tasks paper) and/or --perplexity FILE")
     # Read every input, and check the output, before the first forward pass: bad input fails in seconds, not
     # after hours.
-    try:
-        if args.out:
-            writable_file(args.out, "--out")
-        tasks = resolve_tasks(args.tasks) if args.tasks else []
-        model, tokenizer = load_model(args, backend="transformers" if args.transformers else "mor")
-        context = model.config.max_position_embeddings
-        for name in ("seq_len", "max_length"):
-            if (getattr(args, name) or 0) > context:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} exceeds the model's context "
-                                 f"(max_position_embeddings {context}); use at most {context}")
-        seq_len = args.seq_len or min(2048, context)
-        rows = {source: list(islice(source_rows(source, tokenizer, seq_len, model.config.vocab_size),
-                                    args.perplexity_rows)) for source in args.perplexity}
-        docs = {task.name: load_docs(task, args.data_dir) for task in tasks}
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"mor eval: {error}", file=sys.stderr)
-        return 2
+    if args.out:
+        writable_file(args.out, "--out")
+    tasks = resolve_tasks(args.tasks) if args.tasks else []
+    model, tokenizer = load_model(args, backend="transformers" if args.transformers else "mor")
+    context = model.config.max_position_embeddings
+    for name in ("seq_len", "max_length"):
+        if (getattr(args, name) or 0) > context:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} exceeds the model's context "
+                             f"(max_position_embeddings {context}); use at most {context}")
+    seq_len = args.seq_len or min(2048, context)
+    rows = {source: list(islice(source_rows(source, tokenizer, seq_len, model.config.vocab_size),
+                                args.perplexity_rows)) for source in args.perplexity}
+    docs = {task.name: load_docs(task, args.data_dir) for task in tasks}
     modes = routing_modes(model, args.routing)
 
     metrics: list[Metric] = []

@@ -40,23 +40,19 @@ def run_generate(args: argparse.Namespace) -> int:
     from mor.infer.generate import generate
     from mor.infer.streaming import TextStreamer, depth_legend
 
-    try:
-        model, tokenizer = load_model(args)
-        prompt = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_token_id]
-        streamer = TextStreamer(tokenizer, color_depth=args.color_depth, stop_token_ids={tokenizer.eos_token_id},
-                                num_recursions=model.config.num_recursions)
-        if args.prompt:
-            print(args.prompt, end="", flush=True)
-        start = time.perf_counter()
-        out = generate(model, torch.tensor([prompt]), max_new_tokens=args.max_new_tokens,
-                       do_sample=args.temperature > 0, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, stop_strings=args.stop or None,
-                       tokenizer=tokenizer, seed=args.seed, streamer=streamer, max_recursions=args.max_recursions,
-                       extra_recursions=args.extra_recursions)
-        elapsed = time.perf_counter() - start
-    except (ValueError, FileNotFoundError) as error:
-        print(f"mor generate: {error}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_model(args)
+    prompt = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_token_id]
+    streamer = TextStreamer(tokenizer, color_depth=args.color_depth, stop_token_ids={tokenizer.eos_token_id},
+                            num_recursions=model.config.num_recursions)
+    if args.prompt:
+        print(args.prompt, end="", flush=True)
+    start = time.perf_counter()
+    out = generate(model, torch.tensor([prompt]), max_new_tokens=args.max_new_tokens,
+                   do_sample=args.temperature > 0, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, stop_strings=args.stop or None,
+                   tokenizer=tokenizer, seed=args.seed, streamer=streamer, max_recursions=args.max_recursions,
+                   extra_recursions=args.extra_recursions)
+    elapsed = time.perf_counter() - start
     count = int(out.lengths[0])
     depths = out.depths[0, :count].float()
     summary = f"{count} tokens in {elapsed:.2f}s ({count / max(elapsed, 1e-9):.1f} tokens/s)"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import sys
 from pathlib import Path
 
 from mor.cli.common import add_set_argument, model_overrides
@@ -30,12 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from mor.model import MoRForCausalLM
     from mor.model.flops import forward_flops_per_token, tokens_for_budget
 
-    try:
-        overrides = model_overrides(args.overrides)
-        config = _config(args.preset, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = _config(args.preset, model_overrides(args.overrides))
 
     with torch.device("meta"):
         model = MoRForCausalLM(config)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from mor.cli.common import add_set_argument, positive_int
-from mor.train.config import ConfigError, TrainConfig, load_config
+from mor.train.config import TrainConfig, load_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,17 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mor.train.checkpoint import CheckpointError  # heavy imports only when training
-    from mor.train.trainer import TrainingDiverged, train
+    from mor.train.trainer import train  # heavy imports only when training
 
-    try:
-        config = load_config(args.config, args.overrides, steps=args.steps)
-        if args.dry_run:
-            return _dry_run(config, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.resume)
-        result = train(config, resume=args.resume)
-    except (ConfigError, CheckpointError, TrainingDiverged) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1 if not isinstance(error, ConfigError) else 2
+    config = load_config(args.config, args.overrides, steps=args.steps)
+    if args.dry_run:
+        return _dry_run(config, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.resume)
+    result = train(config, resume=args.resume)
     if result.stopped_by is None and int(os.environ.get("RANK", "0")) == 0:
         summary = ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items())
         loss = f"{result.loss:.4f}" if result.loss is not None else "n/a"
@@ -52,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _dry_run(config: TrainConfig, world_size: int, resume: str | None) -> int:
-    from mor.outputs import OutputError, writable_folder
+    from mor.outputs import writable_folder
     from mor.train.budget import resolve_budget
     from mor.train.schedule import decay_steps, warmup_steps
     from mor.train.trainer import open_data, resume_checkpoint
@@ -69,10 +63,7 @@ def _dry_run(config: TrainConfig, world_size: int, resume: str | None) -> int:
           + (f", decay {decay_steps(config.schedule, budget.steps)} steps" if config.schedule.kind == "wsd" else ""))
     # The checks of a real run, short of building the model: the data, the run directory, the checkpoint.
     open_data(config, model_config, budget, world_size=world_size)
-    try:
-        writable_folder(config.run.out_dir, "run.out_dir", create=False)
-    except OutputError as error:
-        raise ConfigError(str(error)) from None
+    writable_folder(config.run.out_dir, "run.out_dir", create=False)
     resume_checkpoint(Path(config.run.out_dir), resume)
     print("checks: data, run directory and resume point are fine")
     return 0

@@ -93,24 +93,16 @@ def _checkpoint_args(parser: argparse.ArgumentParser) -> None:
     add_routing_argument(parser)
 
 
-def _fail(message: str) -> int:
-    print(f"mor viz: {message}", file=sys.stderr)
-    return 2
-
-
 def _handler(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Check for matplotlib first, and turn bad input (missing files, wrong values) into a one-line message."""
+    """Check for matplotlib and the output folder before the work, not after it."""
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401
         except ModuleNotFoundError:
-            return _fail(INSTALL_HINT)
-        try:
-            writable_folder(args.out, "--out")  # before the work, not after
-            return func(args)
-        except (ValueError, FileNotFoundError) as error:
-            return _fail(str(error))
+            raise ModuleNotFoundError(INSTALL_HINT, name="matplotlib") from None
+        writable_folder(args.out, "--out")
+        return func(args)
 
     return run
 
@@ -119,13 +111,23 @@ def _handler(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 def run_depth(args: argparse.Namespace) -> int:
     from mor.viz.report import depth_text_report
 
-    text = args.text if args.text is not None else args.text_file.read_text(encoding="utf-8")
+    text = args.text if args.text is not None else _read_text(args.text_file)
     model, tokenizer = load_model(args)
     depths = depth_text_report(model, tokenizer, text, args.out, routing_modes(model, args.routing))
     for mode, values in depths.items():
         print(f"{mode}: {len(values)} tokens, mean depth {sum(values) / len(values):.3f}")
     print(f"wrote {args.out / 'depth.html'}, {args.out / 'depth.png'}, {args.out / 'depth.json'}", file=sys.stderr)
     return 0
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"--text-file {path} {'is a folder' if path.is_dir() else 'does not exist'}; give a "
+                                "UTF-8 text file, or the text itself with --text")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--text-file {path} is not UTF-8 text (byte {error.start}); give a UTF-8 text file") from None
 
 
 @_handler
@@ -138,11 +140,12 @@ def run_stats(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args)
     seq_len = args.seq_len or min(2048, model.config.max_position_embeddings)
     if seq_len > model.config.max_position_embeddings:
-        return _fail(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
-                     f"{model.config.max_position_embeddings}")
+        context = model.config.max_position_embeddings
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {context}; use at most "
+                         f"{context}")
     rows = list(islice(source_rows(args.data, tokenizer, seq_len, model.config.vocab_size), args.rows))
     if not rows:
-        return _fail(f"{args.data} holds fewer than {seq_len} tokens; give more text or a smaller --seq-len")
+        raise ValueError(f"{args.data} holds fewer than {seq_len} tokens; give more text or a smaller --seq-len")
     if len(rows) < args.rows:
         print(f"{args.data} yields only {len(rows)} rows of {seq_len} tokens", file=sys.stderr)
     if not args.no_scaling and not model.config.is_cycle:
@@ -183,10 +186,11 @@ def run_runs(args: argparse.Namespace) -> int:
     from mor.viz.runs import flops_per_token, load_run, plot_loss_curves, plot_nll_vs_flops
 
     if args.names and len(args.names) != len(args.run_dirs):
-        return _fail(f"--names gives {len(args.names)} names for {len(args.run_dirs)} runs")
+        raise ValueError(f"--names gives {len(args.names)} names for {len(args.run_dirs)} runs; give one per run")
     given = args.flops_per_token
     if given and len(given) not in (1, len(args.run_dirs)):
-        return _fail(f"--flops-per-token takes one value or one per run ({len(args.run_dirs)}), got {len(given)}")
+        raise ValueError(f"--flops-per-token takes one value or one per run ({len(args.run_dirs)}), got "
+                         f"{len(given)}")
     runs = [load_run(path, name) for path, name in zip(args.run_dirs, args.names or [None] * len(args.run_dirs))]
     written = []
     if path := plot_loss_curves(runs, args.out / "loss_curves.png"):
@@ -216,10 +220,10 @@ def run_bench(args: argparse.Namespace) -> int:
         try:
             nll[name] = float(value)
         except ValueError:
-            return _fail(f"--nll {item!r}: expected NAME=NUMBER, e.g. vanilla=2.78")
+            raise ValueError(f"--nll {item!r}: expected NAME=NUMBER, e.g. vanilla=2.78") from None
     points = load_bench(args.files, nll)
     if not points:
-        return _fail("no usable benchmark records (each needs a model name and tokens_per_s or a throughput)")
+        raise ValueError("no usable benchmark records: each needs a model name and tokens_per_s or a throughput")
     if args.baseline:
         points = normalise(points, args.baseline)
     for p in points:
