@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{'':>9} {'':>8} {base['mean_depth']:>6.2f}", flush=True)
         server = Server(name, args, argv, out / f"server-{name}.log")
         try:
-            asyncio.run(drive(server.url, name, requests[: args.batch], None, args.batch, args.seed))  # warm-up
+            # Warm-up, at once: the server listens before its start-up line names the port, so no connection is
+            # refused while uvicorn starts.
+            asyncio.run(drive(server.url, name, requests[: args.batch], None, args.batch, args.seed))
             loads = [(f"poisson {rate:g}/s", float(rate)) for rate in map(float, args.rates.split(","))]
             for label, rate in [*loads, (f"closed {args.clients}", None)]:
                 before = server_ttft(server.url)

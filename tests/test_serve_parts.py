@@ -1,8 +1,9 @@
-"""The server's parts on their own: incremental text with stop strings, chat templates, Prometheus metrics, model
-loading, the request checks and the engine worker."""
+"""The server's parts on their own: incremental text with stop strings, chat templates, Prometheus metrics, the
+request checks, the engine worker, the listening socket and model loading."""
 
 import asyncio
 import json
+import socket
 
 import pytest
 import torch
@@ -191,3 +192,16 @@ def test_the_worker_counts_each_request_as_the_server_ended_it():
         worker.stop()
     assert metrics.finished == {"cancelled": 1, "stop": 1}
     assert engine.cache.pages_in_use() == 0
+
+
+def test_the_listener_queues_a_client_that_connects_before_the_server_accepts():
+    """The start-up line names the port before uvicorn accepts: a client that connects at once must wait in the
+    backlog, not be refused."""
+    from mor.serve.server import listen
+
+    with listen("127.0.0.1", 0) as listener:
+        with socket.create_connection(listener.getsockname(), timeout=5) as client:
+            accepted, _ = listener.accept()
+            accepted.sendall(b"ok")
+            assert client.recv(2) == b"ok"
+            accepted.close()

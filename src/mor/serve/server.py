@@ -42,13 +42,15 @@ def load_served_model(path: str | Path, tokenizer: str | Path | None, device: st
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (port 0: a free one), or a one-line error naming the fix. Bound before the
-    model loads, so that a port in use fails at once."""
+    """A socket listening on ``host:port`` (port 0: a free one), or a one-line error naming the fix. It listens
+    before the model loads, so that a port in use fails at once, and a client that connects as soon as the
+    start-up line names the port waits in the backlog until the server accepts it, rather than being refused."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host, port))
+        listener.listen()
     except OSError as error:
         listener.close()
         raise ValueError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or --host") \
