@@ -262,12 +262,12 @@ def test_every_bad_input_gets_a_4xx_in_the_openai_error_shape_and_the_server_kee
 def test_a_missing_checkpoint_or_a_port_in_use_is_one_line_naming_the_fix(checkpoint, tmp_path, capsys):
     from mor.cli import main
 
-    assert main(["serve", str(tmp_path / "nowhere")]) == 1
+    assert main(["serve", str(tmp_path / "nowhere")]) == 2  # bad input (mor.errors)
     assert "does not exist; give a mor checkpoint folder" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
-        assert main(["serve", str(checkpoint[0]), "--port", str(port)]) == 1
+        assert main(["serve", str(checkpoint[0]), "--port", str(port)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
