@@ -2,11 +2,13 @@
 and by raw HTTP. Greedy output must equal ``model.generate()`` token for token (and depth for depth)."""
 
 import asyncio
+import gc
 import http.client
 import json
 import signal
 import socket
 import time
+import warnings
 
 import pytest
 import torch
@@ -262,8 +264,13 @@ def test_every_bad_input_gets_a_4xx_in_the_openai_error_shape_and_the_server_kee
 def test_a_missing_checkpoint_or_a_port_in_use_is_one_line_naming_the_fix(checkpoint, tmp_path, capsys):
     from mor.cli import main
 
-    assert main(["serve", str(tmp_path / "nowhere")]) == 2  # bad input (mor.errors)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert main(["serve", str(tmp_path / "nowhere"), "--port", "0"]) == 2  # bad input (mor.errors)
+        gc.collect()
     assert "does not exist; give a mor checkpoint folder" in capsys.readouterr().err
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, f"a failed load must close the listening socket, not leave it to the collector: {unclosed}"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]

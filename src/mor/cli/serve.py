@@ -50,12 +50,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from mor.pretrained import resolve_device
     from mor.serve.server import ServeOptions, listen, load_served_model, serve
 
-    listener = listen(args.host, args.port)
-    device = resolve_device(args.device)
-    model, tokenizer = load_served_model(args.checkpoint, args.tokenizer, device, args.dtype, args.verify)
-    path = Path(args.checkpoint)
-    name = args.served_model_name or (path.stem if path.is_file() else path.resolve().name)
-    options = ServeOptions(args.host, args.max_batch, args.max_queue, args.max_seq_len, args.extra_recursions,
-                           args.drain_timeout, cuda_graphs=device.startswith("cuda") and not args.eager)
-    serve(model, tokenizer, name, listener, options)
+    # Closed however this ends (uvicorn closes it too on a clean stop): a failed load frees the port at once.
+    with listen(args.host, args.port) as listener:
+        device = resolve_device(args.device)
+        model, tokenizer = load_served_model(args.checkpoint, args.tokenizer, device, args.dtype, args.verify)
+        path = Path(args.checkpoint)
+        name = args.served_model_name or (path.stem if path.is_file() else path.resolve().name)
+        options = ServeOptions(args.host, args.max_batch, args.max_queue, args.max_seq_len, args.extra_recursions,
+                               args.drain_timeout, cuda_graphs=device.startswith("cuda") and not args.eager)
+        serve(model, tokenizer, name, listener, options)
     return 0
