@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import lzma
 import os
 import platform
 import re
@@ -51,6 +50,7 @@ from decode_throughput import MODELS, SHAPES, calibrate_exits  # noqa: E402
 
 from mor import MoRConfig, MoRForCausalLM  # noqa: E402
 from mor.data.sample import sample_corpus_paths, sample_tokenizer_path  # noqa: E402
+from mor.data.sources import iter_documents  # noqa: E402
 from mor.data.tokenizer import TextTokenizer, load_tokenizer  # noqa: E402
 from mor.infer.engine import Engine  # noqa: E402
 
@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=None, help="closed-loop clients (default 2 x --batch)")
     parser.add_argument("--max-prompt", type=int, default=None, help="prompt tokens at most (default 256)")
     parser.add_argument("--max-output", type=int, default=None, help="output tokens at most (default 256)")
-    parser.add_argument("--corpus", type=Path, help="JSON Lines (.xz) with a text field (default: see above)")
+    parser.add_argument("--corpus", type=Path, help="documents as `mor data prepare` reads them: JSON Lines with a "
+                                                    "text field (.gz/.xz/.zst), text or Parquet (default: see above)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: see above)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a small subset")
@@ -99,10 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------- workload
 def workload(args: argparse.Namespace, tokenizer: TextTokenizer) -> list[tuple[list[int], int]]:
     """(prompt ids, output length) pairs: a paragraph, and the token count of the one after it."""
-    with lzma.open(args.corpus, "rt", encoding="utf-8") if args.corpus.suffix == ".xz" else open(args.corpus) as f:
-        texts = [json.loads(line)["text"] for line in f]
     pairs = []
-    for text in texts:
+    for text in iter_documents(args.corpus):
         paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
         pairs += zip(paragraphs, paragraphs[1:])
     rng = np.random.default_rng(args.seed)
