@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mor.cli.common import add_set_argument
+from mor.config import parse_assignment
+
 if TYPE_CHECKING:
     from mor.train import TrainConfig
 
@@ -172,9 +175,9 @@ def spec(run: Run, settings: Settings) -> dict[str, Any]:
 
 def check_extra(settings: Settings) -> None:
     """A --set of a value the grid sets would silently change what every run's name says."""
-    grid_keys = {"optim.lr", "run.out_dir", "data.path"} | {o.split("=")[0] for a in ARCHS for o in a.model}
+    grid_keys = {"optim.lr", "run.out_dir", "data.path"} | {parse_assignment(o)[0] for a in ARCHS for o in a.model}
     for pair in settings.extra:
-        key = pair.split("=")[0].strip()
+        key, _ = parse_assignment(pair)
         if key in grid_keys or key.startswith("budget."):
             raise SystemExit(f"error: --set {key}: the grid (or --data/--out) sets it; edit the grid in this script "
                              "instead, or use --steps N for a short try")
@@ -201,12 +204,14 @@ def load_results(path: Path) -> dict[str, Any]:
 def collect(run: Run, run_dir: Path) -> dict[str, Any] | None:
     """The summary of one run directory (None if it never started): metrics.jsonl, run.json, the WikiText-2
     evaluation and the study's status file."""
+    from mor.train.checkpoint import list_checkpoints
+    from mor.train.run_log import METRICS_FILE, read_metrics
+
     job, status = read_json(run_dir / JOB_FILE), read_json(run_dir / STATUS_FILE)
     if job is None or status is None:
         return None
     info = read_json(run_dir / "run.json", {})
-    path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    records = read_metrics(run_dir) if (run_dir / METRICS_FILE).is_file() else []
     train = [r for r in records if "lm_loss" in r]
     val = [r for r in records if "val/nll" in r or "val/nll_topk" in r]
     key = "val/nll_topk" if val and "val/nll_topk" in val[-1] else "val/nll"  # top-k: the paper's number
@@ -220,9 +225,9 @@ def collect(run: Run, run_dir: Path) -> dict[str, Any] | None:
         "steps": info.get("steps"), "tokens": info.get("tokens"), "forward_flops": info.get("forward_flops"),
         "forward_flops_per_token": info.get("forward_flops_per_token"),
         "non_embedding_parameters": info.get("non_embedding_parameters"),
-        # The stop signal's checkpoint comes after the last logged step.
+        # The stop signal's checkpoint comes after the last logged step; only complete checkpoints count.
         "step_reached": max([train[-1]["step"] if train else 0,
-                             *(int(c.name.removeprefix("step_")) for c in run_dir.glob("checkpoints/step_*"))]),
+                             *(int(c.name.removeprefix("step_")) for c in list_checkpoints(run_dir))]),
         "val_nll": last_val.get(key), "val_nll_causal": last_val.get("val/nll_causal"),
         "best_val_nll": min((r[key] for r in val), default=None),
         "val_curve": [[r["step"], r[key]] for r in val],
@@ -284,7 +289,9 @@ def work(run_dir: Path) -> int:
 
 
 def evaluate_wikitext(run_dir: Path, job: dict[str, Any]) -> None:
-    checkpoint = run_dir / "checkpoints" / f"step_{job['spec']['steps']:08d}"
+    from mor.train.checkpoint import checkpoint_dir
+
+    checkpoint = checkpoint_dir(run_dir, job["spec"]["steps"])
     command = [sys.executable, "-m", "mor.cli", "eval", str(checkpoint), "--perplexity", job["wikitext"],
                "--perplexity-rows", str(WIKITEXT_ROWS), "--seq-len", str(job["seq_len"]),
                "--batch-size", str(job["eval_batch_size"]), "--out", str(run_dir / WIKITEXT_FILE)]
@@ -296,8 +303,10 @@ def evaluate_wikitext(run_dir: Path, job: dict[str, Any]) -> None:
 
 def finish(run_dir: Path, job: dict[str, Any]) -> int:
     """Checkpoints of a finished run are a gigabyte each and no longer needed: its numbers are collected."""
+    from mor.train.checkpoint import CHECKPOINTS
+
     if not job["keep_checkpoints"]:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
     return 0
 
 
@@ -603,8 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                          "ones finish")
     parser.add_argument("--steps", type=int, metavar="N", help="every run N steps instead of its budget (a short try; "
                                                                "use another --out)")
-    parser.add_argument("--set", dest="extra", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="config values for every run that the grid does not set, e.g. run.compile=false")
+    add_set_argument(parser, "config values for every run that the grid does not set, e.g. run.compile=false")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's checkpoints")
     args = parser.parse_args(argv)
     if args.worker:
@@ -613,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     settings = Settings(out=args.out.resolve(), results=args.results.resolve() if args.results else None,
-                        data=args.data, wikitext=args.wikitext, extra=args.extra, steps=args.steps,
+                        data=args.data, wikitext=args.wikitext, extra=args.overrides, steps=args.steps,
                         parallel=args.parallel, keep_checkpoints=args.keep_checkpoints)
     check_extra(settings)
     if args.report is not None:

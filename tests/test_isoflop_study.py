@@ -166,6 +166,14 @@ def test_a_set_of_what_the_grid_sets_is_refused(pair):
     study.check_extra(study.Settings(extra=["run.compile=false"]))
 
 
+def test_set_is_the_mor_option(capsys):
+    with pytest.raises(SystemExit) as exit_:  # a pair without "=" is a usage error while parsing, as in mor train
+        study.main(["--list", "--set", "run.compile"])
+    assert exit_.value.code == 2 and "--set: expected KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--set optim.lr: the grid"):  # repeated --set, keys read as mor reads them
+        study.main(["--list", "--set", "run.compile=false", "--set", " optim.lr = 1e-3"])
+
+
 # ---------------------------------------------------------------------------------------------------- collection
 def write_run_dir(run_dir: Path, spec: dict, state: str, val_steps: tuple[int, ...] = (2, 4)) -> None:
     run_dir.mkdir(parents=True)
@@ -203,6 +211,13 @@ def test_the_collector_reads_a_run_directory(tmp_path):
     write_run_dir(tmp_path / "b", spec, "stopped", val_steps=(2,))
     entry = study.collect(run, tmp_path / "b")
     assert entry["state"] == "stopped" and entry["val_nll"] is None and entry["best_val_nll"] == 3.5
+    # The stop signal's checkpoint, after the last logged step, counts once complete (its manifest written last);
+    # a checkpoint cut off while being written does not.
+    checkpoints = tmp_path / "b" / "checkpoints"
+    (checkpoints / "step_00000005").mkdir(parents=True)
+    (checkpoints / "step_00000005" / "manifest.json").write_text("{}")
+    (checkpoints / "step_00000006").mkdir()
+    assert study.collect(run, tmp_path / "b")["step_reached"] == 5
     assert study.collect(run, tmp_path / "never-started") is None
 
 
