@@ -189,12 +189,17 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Serialise fully, then rename over the old file: a crash never leaves a half-written file."""
+    """Serialise fully, write a temporary file beside ``path``, then rename it over the old file: a crash never
+    leaves a half-written file, and a failed write (a full disk) leaves the old file and no temporary one."""
     text = json.dumps(data, indent=1, sort_keys=True) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
+    try:
+        temp.write_text(text)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def load_results(path: Path) -> dict[str, Any]:

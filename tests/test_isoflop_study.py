@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.util
 import json
 import re
@@ -221,12 +222,38 @@ def test_the_collector_reads_a_run_directory(tmp_path):
     assert study.collect(run, tmp_path / "never-started") is None
 
 
-def test_results_json_is_replaced_atomically(tmp_path):
+def test_results_json_is_replaced_atomically(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
     study.write_json_atomic(path, {"runs": {"a": 1}})
-    with pytest.raises(TypeError):
+
+    def intact() -> bool:  # the old results, and no temporary file beside them
+        return json.loads(path.read_text()) == {"runs": {"a": 1}} and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+    with pytest.raises(TypeError):  # not serialisable: nothing is written
         study.write_json_atomic(path, {"runs": {"a": object()}})
-    assert json.loads(path.read_text()) == {"runs": {"a": 1}} and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert intact()
+    write_text = Path.write_text
+
+    def disk_full_half_way(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", disk_full_half_way)
+        with pytest.raises(OSError, match="No space left"):
+            study.write_json_atomic(path, {"runs": {"a": 2, "b": 3}})
+    assert intact()
+
+    def cannot_rename(source, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(study.os, "replace", cannot_rename)
+        with pytest.raises(OSError, match="cross-device"):
+            study.write_json_atomic(path, {"runs": {"a": 2}})
+    assert intact()
+    study.write_json_atomic(path, {"runs": {"a": 2}})
+    assert json.loads(path.read_text()) == {"runs": {"a": 2}} and len(list(tmp_path.iterdir())) == 1
 
 
 class Exited:
