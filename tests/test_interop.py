@@ -94,6 +94,15 @@ def test_import_refuses_unsupported_configs_naming_the_field(tmp_path, changes, 
         load_hf_llama(tmp_path)
 
 
+def test_import_refuses_a_config_without_a_required_field(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(UnsupportedCheckpointError, match="'hidden_size': missing"):
+        load_hf_llama(tmp_path)
+
+
 def test_import_reads_transformers4_rope_theta(tmp_path):
     hf = tiny_llama()
     hf.save_pretrained(tmp_path)

@@ -64,6 +64,10 @@ def config_from_hf(hf: dict[str, Any]) -> MoRConfig:
         field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
         refuse(field, f"RoPE type {rope_type!r} is not supported; only unscaled ('default') rotary embeddings are")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        refuse(missing[0], f"missing ({', '.join(missing)} absent); the file is not a complete Llama config.json")
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hidden // heads
     if head_dim * heads != hidden:
