@@ -118,3 +118,11 @@ def test_only_the_command_line_parses_arguments():
     parsing = [str(path.relative_to(package)) for path in package.rglob("*.py")
                if re.search(r"^\s*(import|from) argparse\b", path.read_text(), re.M)]
     assert parsing and all(name.startswith("cli/") for name in parsing), parsing
+
+
+@pytest.mark.slow
+def test_quickstart_fresh_starts_over_in_a_folder_that_holds_a_run(tmp_path, capsys):
+    argv = ["quickstart", "--steps", "1", "--max-new-tokens", "2", "--out", str(tmp_path), "--fresh"]
+    for _ in range(2):  # the second run found the first one's run folder and refused it
+        assert run(argv, capsys)[0] == 0
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000001"]
