@@ -416,7 +416,13 @@ def test_a_tiny_study_runs_resumes_and_reports(sample_data, tmp_path, capsys):
         assert entry["state"] == "done" and entry["steps"] == 2, (name, entry["error"])
         assert 0 < entry["val_nll"] < 20 and 0 < entry["wikitext2_nll"] < 20
         assert not (tmp_path / "study" / "runs" / name / "checkpoints").exists()
-    assert results["mor-expert-3_1e15_lr3e-3"]["router"]["sampling_accuracy/step2"] >= 0
+    # The routers' statistics of the last logged step. Expert choice with capacities 1, 2/3 and 1/3 of each
+    # 32-token row selects floor(c * 32) = 32, 21 and 10 tokens, each a fraction of those that took the step
+    # before; the causal decisions agree with that top-k selection on some fraction of the tokens.
+    router = results["mor-expert-3_1e15_lr3e-3"]["router"]
+    assert [router[f"selected_fraction/step{k}"] for k in (1, 2, 3)] == pytest.approx([1.0, 21 / 32, 10 / 21])
+    assert all(0 <= router[f"sampling_accuracy/step{k}"] <= 1 for k in (1, 2, 3))
+    assert 0 <= router["dead_token_ratio"] <= 1 and results["vanilla-steps_1e15_lr3e-3"]["router"] == {}
     capsys.readouterr()
     assert study.main([*args, "--steps", "2"]) == 0  # nothing left to do
     assert "2 of 2 selected runs finished; 0 to run" in capsys.readouterr().out
