@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from mor.config import DTYPES, read_json_object
+from mor.config import DTYPES
 from mor.data.tokenizer import TOKENIZER_FILE, TextTokenizer, load_tokenizer
 from mor.integrity import verify_manifest
 from mor.model import MoRForCausalLM
-from mor.model.io import CONFIG_FILE, WEIGHTS_FILE
+from mor.model.io import CONFIG_FILE, WEIGHTS_FILE, is_mor_checkpoint
 
 BACKENDS = ("mor", "transformers")
 SERVABLE = "give a mor checkpoint folder, a Hugging Face Llama folder or a .gguf file"  # what llama=True loads
@@ -92,10 +92,3 @@ def load_model_and_tokenizer(path: str | Path, tokenizer: str | Path | None = No
         raise ValueError(f"tokenizer {text_tokenizer.path} has {text_tokenizer.vocab_size} tokens but the model's "
                          f"vocabulary holds {model.config.vocab_size}; pass the tokenizer it was trained with")
     return model, text_tokenizer
-
-
-def is_mor_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a mor checkpoint folder: its ``config.json`` says ``model_type`` "mor" (a Hugging Face
-    folder's names another type)."""
-    config = Path(path) / CONFIG_FILE
-    return config.is_file() and read_json_object(config, SERVABLE).get("model_type") == "mor"

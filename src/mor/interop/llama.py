@@ -23,6 +23,7 @@ from torch import Tensor
 from mor.config import MoRConfig, read_json_object
 from mor.integrity import safe_torch_load, save_safetensors
 from mor.model import MoRForCausalLM
+from mor.model.io import INTACT_CONFIG, is_mor_checkpoint
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS = "model.safetensors"
@@ -30,8 +31,6 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN = "pytorch_model.bin"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "chat_template.jinja")
-HF_CONFIG_FIX = ("give a checkpoint folder with an intact config.json (Hugging Face Llama or mor) or a .gguf "
-                 "file")
 
 
 class UnsupportedCheckpointError(ValueError):
@@ -144,7 +143,7 @@ def load_hf_llama(path: str | Path, dtype: torch.dtype | None = None) -> MoRForC
     if path.is_file() and path.suffix == ".gguf":
         config, state = _read_gguf(path)
     elif path.is_dir():
-        config = config_from_hf(read_json_object(path / "config.json", HF_CONFIG_FIX))
+        config = config_from_hf(read_json_object(path / "config.json", INTACT_CONFIG))
         state = _read_weights(path)
     else:
         raise FileNotFoundError(f"{path} is neither a checkpoint folder nor a .gguf file")
@@ -156,9 +155,7 @@ def load_hf_llama(path: str | Path, dtype: torch.dtype | None = None) -> MoRForC
 def load_any_model(path: str | Path) -> MoRForCausalLM:
     """A mor checkpoint folder (``model_type`` "mor" in its config.json), a Hugging Face Llama folder or a GGUF
     file as a model in eval mode."""
-    path = Path(path)
-    config_file = path / "config.json"
-    if config_file.is_file() and read_json_object(config_file, HF_CONFIG_FIX).get("model_type") == "mor":
+    if is_mor_checkpoint(path):
         return MoRForCausalLM.from_pretrained(path).eval()
     return load_hf_llama(path)
 

@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mor.config import MoRConfig
+from mor.config import MoRConfig, read_json_object
 from mor.integrity import CheckpointError, save_safetensors, weight_problem
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+INTACT_CONFIG = ("give a checkpoint folder with an intact config.json (Hugging Face Llama or mor) or a .gguf "
+                 "file")
 # Entries that earlier versions stored and the model no longer has; reading skips them.
 RETIRED = ("model.expert.num_training_forwards",)  # the capacity warm-up count, now kept by the trainer
 
@@ -104,3 +106,10 @@ def _check_names_and_shapes(path: Path, state: Mapping[str, torch.Tensor],
         details.append("shape mismatch " + ", ".join(
             f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5]))
     raise CheckpointError(f"{path} does not match the model of {path.parent / CONFIG_FILE}: " + "; ".join(details))
+
+
+def is_mor_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a mor checkpoint folder: its ``config.json`` says ``model_type`` "mor" (a Hugging Face
+    folder's names another type)."""
+    config = Path(path) / CONFIG_FILE
+    return config.is_file() and read_json_object(config, INTACT_CONFIG).get("model_type") == "mor"
