@@ -74,20 +74,27 @@ def _(x: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
-def uniform(seed: Tensor, counter: Tensor) -> Tensor:
-    """One number in (0, 1) per row (float64, 48 random bits) that depends only on the row's ``seed`` and
-    ``counter`` (the index of the token being drawn): a request samples the same tokens whatever else shares its
-    batch, and after a preemption."""
-    key = _hash32(_hash32(seed & _M32) ^ (counter & _M32))
-    high, low = _hash32(key ^ 0x9E3779B9) >> 8, _hash32(key ^ 0x7F4A7C15) >> 8  # 24 bits each
-    return ((high * 2**24 + low).double() + 0.5) / 2**48
+def _row_keys(seed: Tensor, counter: Tensor) -> Tensor:
+    """One 32-bit key per row from its ``seed`` and ``counter`` (the index of the token being drawn)."""
+    return _hash32(_hash32(seed & _M32) ^ (counter & _M32))
+
+
+def gumbel_noise(seed: Tensor, counter: Tensor, vocab: int) -> Tensor:
+    """Standard Gumbel noise [N, vocab] (float32, 24 random bits per entry) that depends only on each row's
+    ``seed`` and ``counter``: a request samples the same tokens whatever else shares its batch, and after a
+    preemption."""
+    index = torch.arange(vocab, device=seed.device) * 0x9E3779B1 & _M32
+    bits = _hash32(_row_keys(seed, counter)[:, None] ^ index) >> 8
+    u = (bits.float() + 0.5) / 2**24
+    return -torch.log(-torch.log(u))
 
 
 def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor, counter: Tensor,
                 mode: str) -> Tensor:
     """One token per row of ``logits`` [N, V] with per-row settings: ``temperature`` 0 is greedy; ``top_k`` (V for
-    none) and ``top_p`` (1 for none) filter when ``mode`` is "filter". A draw inverts the cumulative distribution
-    at :func:`uniform`'s number: one random number per row, not one per token of the vocabulary."""
+    none) and ``top_p`` (1 for none) filter when ``mode`` is "filter". A draw is the Gumbel-max trick,
+    ``argmax(logits / temperature + noise)`` with :func:`gumbel_noise`: one pass over the vocabulary that the
+    compiler fuses with the greedy choice, no softmax and no cumulative sum."""
     greedy = logits.argmax(-1)
     if mode == "greedy":
         return greedy
@@ -100,7 +107,5 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
         drop = ((cumsum(probs) - probs >= top_p[:, None]) & (top_p[:, None] < 1)) | (rank >= top_k[:, None])
         cutoff = ordered.masked_fill(drop & (rank > 0), float("inf")).amin(-1)
         x = x.masked_fill(x < cutoff[:, None], float("-inf"))
-    cumulative = cumsum(x.softmax(-1))
-    target = (uniform(seed, counter) * cumulative[:, -1].double()).float()
-    drawn = torch.searchsorted(cumulative, target[:, None], right=True)[:, 0].clamp(max=x.shape[-1] - 1)
+    drawn = (x + gumbel_noise(seed, counter, x.shape[-1])).argmax(-1)
     return torch.where(temperature > 0, drawn, greedy)

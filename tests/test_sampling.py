@@ -1,0 +1,53 @@
+"""The engine's per-row sampler: draws follow the softmax, filters keep only allowed tokens, and a row's draw
+depends on nothing but its seed and counter."""
+
+import torch
+
+from mor.infer.sampling import sample_rows
+
+V, N = 7, 40_000
+
+
+def draw(logits: torch.Tensor, temperature: float, mode: str = "sample", top_k: int = V, top_p: float = 1.0,
+         order: torch.Tensor | None = None) -> torch.Tensor:
+    index = torch.arange(N) if order is None else order
+    return sample_rows(logits.expand(N, V), torch.full((N,), temperature), torch.full((N,), top_k),
+                       torch.full((N,), top_p), index % 97, index // 97, mode)
+
+
+def assert_follows(tokens: torch.Tensor, probs: torch.Tensor) -> None:
+    freq = torch.bincount(tokens, minlength=V).double() / N
+    sigma = (probs * (1 - probs) / N).sqrt().clamp(min=1e-4)
+    assert ((freq - probs).abs() / sigma).max() < 5, (freq, probs)
+
+
+def test_draws_follow_the_softmax_at_each_temperature():
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0)) * 1.5
+    for temperature in (1.0, 0.7, 2.0):
+        assert_follows(draw(logits, temperature), (logits.double() / temperature).softmax(-1))
+
+
+def test_filters_renormalise_over_the_kept_tokens_only():
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0])
+    kept = torch.zeros(V, dtype=torch.double)
+    kept[:2] = logits[:2].double().softmax(-1)
+    assert_follows(draw(logits, 1.0, "filter", top_k=2), kept)
+    probs = logits.double().softmax(-1)  # top_p 0.75: the smallest head reaching 0.75 is the first three tokens
+    assert probs[:2].sum() < 0.75 <= probs[:3].sum()
+    nucleus = torch.zeros(V, dtype=torch.double)
+    nucleus[:3] = probs[:3] / probs[:3].sum()
+    assert_follows(draw(logits, 1.0, "filter", top_p=0.75), nucleus)
+
+
+def test_temperature_zero_is_greedy_and_a_draw_depends_only_on_seed_and_counter():
+    logits = torch.randn(N, V, generator=torch.Generator().manual_seed(1))
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(2))
+    temperature = torch.where(torch.arange(N) % 3 == 0, 0.0, 1.0)
+    index = torch.arange(N)
+    args = (torch.full((N,), V), torch.ones(N), index % 97, index // 97, "sample")
+    tokens = sample_rows(logits, temperature, *args)
+    shuffled = sample_rows(logits[order], temperature[order], *(a[order] for a in args[:-1]), "sample")
+    assert torch.equal(tokens[order], shuffled)
+    greedy = temperature == 0
+    assert torch.equal(tokens[greedy], logits[greedy].argmax(-1))
+    assert (tokens[~greedy] != logits[~greedy].argmax(-1)).any()
