@@ -83,7 +83,7 @@ def gumbel_noise(seed: Tensor, counter: Tensor, vocab: int) -> Tensor:
     """Standard Gumbel noise [N, vocab] (float32, 24 random bits per entry) that depends only on each row's
     ``seed`` and ``counter``: a request samples the same tokens whatever else shares its batch, and after a
     preemption."""
-    index = torch.arange(vocab, device=seed.device) * 0x9E3779B1 & _M32
+    index = torch.arange(vocab, device=seed.device)
     bits = _hash32(_row_keys(seed, counter)[:, None] ^ index) >> 8
     u = (bits.float() + 0.5) / 2**24
     return -torch.log(-torch.log(u))
