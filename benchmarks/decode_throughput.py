@@ -8,9 +8,9 @@ in the same engine (``mor.infer.engine``): MoR with depth-wise batching, vanilla
 batching. The peer baseline is ``transformers`` ``generate`` with a static cache on the same vanilla weights
 (static batches of B requests, each running to the longest length in its batch; only requested tokens count).
 
-Batch settings: ``--batch 32,max``. ``max`` is the paper's relative maximum batch: the batch whose expected KV
-memory equals that of the depth-matched vanilla model at ``--base-batch`` (32), from the KV entries per token
-each model writes (recursion-wise caching: (Nr+1)/2Nr of vanilla in the recursion block; sharing: 1/Nr).
+Batch settings: ``--batch 32,max``. ``max`` is the paper's relative maximum batch (42, 48, 51 for Nr = 2, 3, 4):
+``--base-batch`` (32) over the KV memory of the recursion block relative to vanilla layers ((Nr+1)/2Nr for
+recursion-wise caching, 1/Nr for sharing); the unique first and last layers are not counted, as in the paper.
 
 Exits come from a trained checkpoint (``--checkpoint NAME=DIR``) or, for randomly initialised models, from
 routers calibrated so that a 1/Nr share of tokens exits at each depth: each router after the first gets a bias
@@ -205,17 +205,31 @@ def _add_bias(router: torch.nn.Module, bias: float) -> None:
         net[-1] = biased
 
 
-def kv_entries_per_token(config: MoRConfig) -> float:
-    """Expected key/value entries a token writes over all unrolled layers (MOR_SPEC 7): recursion-wise caching
-    writes at step r for the c_r share of tokens that run it; sharing writes at step 1 only."""
+def relative_max_batch(config: MoRConfig, base_batch: int) -> int:
+    """The paper's B = Max (MOR_SPEC 7.3, 11.10): ``base_batch`` over the recursion block's KV memory relative to
+    vanilla layers, (Nr+1)/2Nr for recursion-wise caching (42, 48, 51 for Nr = 2, 3, 4 at 32) and 1/Nr for
+    sharing. As in the paper's figures, the unique first and last layers (full caches) are not counted; counting
+    them would give 46 for MoR-3 and 49 for MoR-4 of the 360M shape."""
     if config.sharing == "none":
-        return float(config.num_hidden_layers)
-    unique = 2 if config.is_middle else 0
+        return base_batch
+    full = config.recursion_block_size * config.num_recursions
+    return max(1, math.floor(base_batch * full / block_entries_per_token(config)))
+
+
+def block_entries_per_token(config: MoRConfig) -> float:
+    """Expected key/value entries a token writes in the recursion block (MOR_SPEC 7): recursion-wise caching
+    writes at step r for the c_r share of tokens that run it; sharing writes at step 1 only."""
     block = config.recursion_block_size
     if config.kv_cache == "share":
-        return unique + block
-    share = sum(config.step_capacities) if config.router == "expert" else config.num_recursions
-    return unique + block * share
+        return float(block)
+    return block * (sum(config.step_capacities) if config.router == "expert" else config.num_recursions)
+
+
+def kv_entries_per_token(config: MoRConfig) -> float:
+    """Expected key/value entries a token writes over all unrolled layers: the unique layers' and the block's."""
+    if config.sharing == "none":
+        return float(config.num_hidden_layers)
+    return (2 if config.is_middle else 0) + block_entries_per_token(config)
 
 
 def block_ratio_target(config: MoRConfig) -> float:
@@ -482,13 +496,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             write_json(path, meta, records)
             continue
         record_base.update(exits=source, non_embedding_params=model.num_parameters(exclude_embeddings=True))
-        vanilla_entries = kv_entries_per_token(MoRConfig.from_preset(
-            SHAPES[spec.shape], num_hidden_layers=spec.config.num_effective_layers))
         measured: dict[int, list[dict]] = {}  # batch size -> its records (vanilla's 'max' is its base batch)
         for setting in settings:
             batch = args.base_batch if setting == "max" and spec.name.startswith("vanilla") else \
-                max(1, math.floor(args.base_batch * vanilla_entries / kv_entries_per_token(model.config))) \
-                if setting == "max" else int(setting)
+                relative_max_batch(model.config, args.base_batch) if setting == "max" else int(setting)
             if batch in measured:  # the same run under another setting's name
                 records += [dict(r, batch_size=setting) for r in measured[batch]]
                 continue

@@ -38,6 +38,15 @@ def test_kv_expectations_match_the_paper_ratios():
         block = cfg.recursion_block_size
         assert bench.kv_entries_per_token(cfg) == pytest.approx(2 + block * (nr + 1) / 2)
         assert bench.block_ratio_target(cfg.replace(kv_cache="share")) == pytest.approx(1 / nr)
+        assert bench.relative_max_batch(cfg.replace(kv_cache="share"), 32) == 32 * nr
+
+
+def test_relative_max_batch_is_the_papers():
+    bench = load_benchmark()
+    for nr, batch in ((2, 42), (3, 48), (4, 51)):  # MOR_SPEC 7.3
+        cfg = MoRConfig.from_preset("smollm-360m", sharing="middle_cycle", num_recursions=nr, router="expert")
+        assert bench.relative_max_batch(cfg, 32) == batch
+    assert bench.relative_max_batch(MoRConfig.from_preset("smollm-360m"), 32) == 32
 
 
 def test_quick_cpu_run_writes_every_model_and_the_baselines(tmp_path):
@@ -59,5 +68,5 @@ def test_quick_cpu_run_writes_every_model_and_the_baselines(tmp_path):
             by["mor-3-share", size]["tokens_per_s"] / by["vanilla", size]["tokens_per_s"])
     shared = by["mor-3-share", "max"]
     assert shared["kv_block_ratio"] == pytest.approx(1 / 3)
-    assert shared["batch"] == 8  # the vanilla KV budget of 4 sequences holds 8 with 1/3 of the block's entries
+    assert shared["batch"] == 12  # sharing: the block keeps 1/3 of its entries, so 4 sequences become 12
     assert 1 < shared["mean_depth"] < 3 and "calibrated" in shared["exits"]
