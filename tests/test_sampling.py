@@ -3,7 +3,7 @@ depends on nothing but its seed and counter."""
 
 import torch
 
-from mor.infer.sampling import sample_rows
+from mor.infer.sampling import argmax_rows, sample_rows
 
 V, N = 7, 40_000
 
@@ -51,3 +51,11 @@ def test_temperature_zero_is_greedy_and_a_draw_depends_only_on_seed_and_counter(
     greedy = temperature == 0
     assert torch.equal(tokens[greedy], logits[greedy].argmax(-1))
     assert (tokens[~greedy] != logits[~greedy].argmax(-1)).any()
+
+
+def test_the_two_stage_argmax_equals_argmax_ties_included():
+    generator = torch.Generator().manual_seed(3)
+    for vocab in (1000, 4096, 5000):
+        x = torch.randint(0, 6, (64, vocab), generator=generator).float()  # many ties across chunks
+        x[5] = float("-inf")
+        assert torch.equal(argmax_rows(x), x.argmax(-1))

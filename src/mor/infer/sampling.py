@@ -89,13 +89,28 @@ def gumbel_noise(seed: Tensor, counter: Tensor, vocab: int) -> Tensor:
     return -torch.log(-torch.log(u))
 
 
+def argmax_rows(x: Tensor, chunk: int = 1024) -> Tensor:
+    """``x.argmax(-1)`` for [N, V] rows in two stages (the largest entry of each chunk, then the best chunk), so
+    that a few rows of a wide vocabulary still spread over the whole GPU; ties go to the first index, as
+    ``argmax`` does."""
+    n, v = x.shape
+    if v <= chunk:
+        return x.argmax(-1)
+    pad = -v % chunk
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad), value=float("-inf"))
+    best, index = x.view(n, -1, chunk).max(-1)
+    which = best.argmax(-1, keepdim=True)
+    return (which * chunk + index.gather(1, which))[:, 0]
+
+
 def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor, counter: Tensor,
                 mode: str) -> Tensor:
     """One token per row of ``logits`` [N, V] with per-row settings: ``temperature`` 0 is greedy; ``top_k`` (V for
     none) and ``top_p`` (1 for none) filter when ``mode`` is "filter". A draw is the Gumbel-max trick,
     ``argmax(logits / temperature + noise)`` with :func:`gumbel_noise`: one pass over the vocabulary that the
     compiler fuses with the greedy choice, no softmax and no cumulative sum."""
-    greedy = logits.argmax(-1)
+    greedy = argmax_rows(logits)
     if mode == "greedy":
         return greedy
     x = logits.float() / temperature.clamp(min=1e-6)[:, None]
@@ -107,5 +122,5 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
         drop = ((cumsum(probs) - probs >= top_p[:, None]) & (top_p[:, None] < 1)) | (rank >= top_k[:, None])
         cutoff = ordered.masked_fill(drop & (rank > 0), float("inf")).amin(-1)
         x = x.masked_fill(x < cutoff[:, None], float("-inf"))
-    drawn = (x + gumbel_noise(seed, counter, x.shape[-1])).argmax(-1)
+    drawn = argmax_rows(x + gumbel_noise(seed, counter, x.shape[-1]))
     return torch.where(temperature > 0, drawn, greedy)
