@@ -40,6 +40,8 @@ from mor.infer.runner import DONE, Runner, Window, WindowStatus
 from mor.infer.sampling import SamplingParams
 from mor.infer.scheduler import Request, Scheduler
 
+PREFILL_TOKENS = 8192  # padded prompt tokens per prefill forward at most
+
 
 @dataclass
 class RequestResult:
@@ -320,17 +322,28 @@ class Engine:
             return
         modes = {self.mode_of(r.params) for r in self.scheduler.running.values()}
         self._mode = "filter" if "filter" in modes else "sample" if "sample" in modes else "greedy"
-        for request in admitted:
-            sequence = request.sequence
-            if len(sequence) > 1:
-                self.runner.prefill(request.row, sequence[:-1], request.max_recursions, request.extra_recursions)
-                self._counts["prefills"] += 1
-                self._counts["tokens_in"] += len(sequence) - 1
+        self._prefill([r for r in admitted if len(r.sequence) > 1])
         vocab = self.model.config.vocab_size
         columns = [(r.row, r.sequence[-1], len(r.sequence) - 1, r.max_new - len(r.tokens), len(r.tokens),
                     0.0 if r.params.greedy else r.params.temperature, r.params.top_k or vocab,
                     r.params.top_p or 1.0, r.seed, r.steps) for r in admitted]
         self.runner.enter(*map(list, zip(*columns)))
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """Prefill the prompts in batches: requests of the same depth options, by length, at most
+        ``PREFILL_TOKENS`` padded tokens a batch (the first request of a batch is its longest)."""
+        groups: dict[tuple[int | None, int], list[Request]] = {}
+        for request in sorted(requests, key=lambda r: -len(r.sequence)):  # longest first
+            groups.setdefault((request.max_recursions, request.extra_recursions), []).append(request)
+        for (max_recursions, extra_recursions), group in groups.items():
+            while group:
+                width = len(group[0].sequence) - 1
+                take = max(1, min(len(group), PREFILL_TOKENS // max(width, 1)))
+                batch, group = group[:take], group[take:]
+                self.runner.prefill([r.row for r in batch], [r.sequence[:-1] for r in batch], max_recursions,
+                                    extra_recursions)
+                self._counts["prefills"] += len(batch)
+                self._counts["tokens_in"] += sum(len(r.sequence) - 1 for r in batch)
 
     def _collect(self, window: Window) -> list[RequestOutput]:
         status: WindowStatus = self.runner.collect(window)

@@ -222,12 +222,19 @@ class Runner:
         self.eos[: len(ids)] = torch.tensor(ids, dtype=torch.long)
 
     @torch.no_grad()
-    def prefill(self, row: int, tokens: list[int], max_recursions: int | None = None,
+    def prefill(self, rows: list[int], prompts: list[list[int]], max_recursions: int | None = None,
                 extra_recursions: int = 0) -> None:
-        """Run ``tokens`` through the model's causal forward into ``row``'s streams (a prompt but its last token)."""
-        ids = torch.tensor([tokens], device=self.device)
-        self.model(ids, routing="causal", cache=self.cache.view([row]), max_recursions=max_recursions,
-                   extra_recursions=extra_recursions)
+        """Run each row's prompt (a request's tokens but its last) through the model's causal forward into the
+        row's streams: one left-padded batch, no head."""
+        width = max(map(len, prompts))
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt):] = torch.tensor(prompt)
+            mask[i, width - len(prompt):] = 1
+        self.model.model(ids.to(self.device), attention_mask=mask.to(self.device), routing="causal",
+                         cache=self.cache.view(rows), max_recursions=max_recursions,
+                         extra_recursions=extra_recursions)
 
     def enter(self, rows: list[int], tokens: list[int], positions: list[int], remaining: list[int],
               sampled: list[int], temperature: list[float], top_k: list[int], top_p: list[float],
