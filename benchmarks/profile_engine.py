@@ -3,6 +3,7 @@ kernels of a short run.
 
     python benchmarks/profile_engine.py --shape 135m --model vanilla --batch 128
     python benchmarks/profile_engine.py --shape 360m --model mor-3 --batch 512 --requests 1024 --mean-tokens 128
+    python benchmarks/profile_engine.py --shape 360m --model mor-4 --batch 128 --requests 400 --prompt-tokens 128
 
 Builds the model as ``decode_throughput.py`` does (calibrated routers for MoR), warms the engine up, then serves
 ``--requests`` requests twice: once timing the host's parts of each round trip and the device time of each window
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--mean-tokens", type=float, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=0,
+                        help="random prompt tokens per request (default 0: each starts from one token)")
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--tail-slots", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true")
@@ -43,15 +46,17 @@ def main() -> None:
     model, source = build(Spec(args.shape, args.model, config, "vanilla"), "cuda", torch.bfloat16, args)
     lengths = generation_lengths(args.requests, args.mean_tokens, args.mean_tokens / 8, 0)
     graphs = not args.no_cuda_graphs
-    engine = Engine(model, max_batch_slots=args.batch, max_seq_len=1 + max(lengths), cuda_graphs=graphs,
+    engine = Engine(model, max_batch_slots=args.batch, max_seq_len=1 + args.prompt_tokens + max(lengths), cuda_graphs=graphs,
                     compile=graphs and not args.no_compile, kernel=not args.no_kernel, window=args.window,
                     tail_slots=args.tail_slots)
-    start = [model.config.bos_token_id or 0]
-    engine.generate([start] * args.batch, 16, do_sample=True, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [[model.config.bos_token_id or 0] + torch.randint(
+        0, model.config.vocab_size, (args.prompt_tokens,), generator=generator).tolist() for _ in lengths]
+    engine.generate(prompts[: args.batch], 16, do_sample=True, seed=0)
 
     spent: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
-    for owner, name in ((engine, "_admit"), (engine, "_collect"), (engine.runner, "launch"),
+    for owner, name in ((engine, "_admit"), (engine, "_prefill"), (engine, "_collect"), (engine.runner, "launch"),
                         (engine.runner, "collect")):
         original = getattr(owner, name)
 
@@ -65,7 +70,7 @@ def main() -> None:
 
         setattr(owner, name, timed)
     with GpuBusy(engine) as busy:
-        out = engine.generate([start] * len(lengths), lengths, do_sample=True, seed=0)
+        out = engine.generate(prompts, lengths, do_sample=True, seed=0)
     s = out.stats
     print(f"{args.shape} {args.model} B={args.batch} compile={engine.compiled} graphs={graphs} "
           f"kernel={engine.runner.kernel} tail slots={engine.runner.tail_slots} ({source})")
@@ -80,7 +85,7 @@ def main() -> None:
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
-        engine.generate([start] * len(lengths), lengths, do_sample=True, seed=0)
+        engine.generate(prompts, lengths, do_sample=True, seed=0)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
 
 
