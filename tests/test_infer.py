@@ -79,6 +79,56 @@ def test_cache_streams_hold_exactly_the_tokens_that_ran_each_depth():
     assert paged.pages_in_use() == 0 and paged.used_nbytes() == 0
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_prompt_batch_prefill_caches_what_the_per_layer_path_does(variant):
+    """PagedPrefill (keep each position's keys/values, write all pages at the end) against PagedRows (write and
+    read the pages at every layer): ragged left-padded prompts, the same entries, then the same decoding."""
+    model = make_decisive(variant)
+    lengths = [9, 3, 14]
+    ids = torch.zeros(3, 14, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, 14 - n:], mask[i, 14 - n:] = tokens(1, n, seed=n)[0], 1
+    caches = [PagedCache.for_model(model, num_rows=4, max_seq_len=24, page_size=4) for _ in range(2)]
+    rows = [2, 0, 3]
+    with torch.no_grad():
+        per_layer = model(ids, attention_mask=mask, routing="causal", cache=caches[0].view(rows))
+        batch = caches[1].prefill(rows)
+        kept = model(ids, attention_mask=mask, routing="causal", cache=batch)
+        batch.commit()
+    torch.testing.assert_close(kept.logits[mask.bool()], per_layer.logits[mask.bool()], rtol=1e-4, atol=1e-4)
+    assert torch.equal(kept.depths, per_layer.depths)
+    a, b = (c.pool for c in caches)
+    assert torch.equal(a.counts, b.counts) and torch.equal(a.lengths, b.lengths) and torch.equal(a.held, b.held)
+    assert caches[0].entries() == caches[1].entries() and caches[1].used_nbytes() > 0
+    for s in range(a.num_streams):
+        for row in rows:
+            n = int(a.counts[s, row])
+            k0, v0, p0 = caches[0].pages.gather(a.tables[s, row][None, : a.max_pages])
+            k1, v1, p1 = caches[1].pages.gather(b.tables[s, row][None, : b.max_pages])
+            assert torch.equal(p0[:, :n], p1[:, :n])
+            torch.testing.assert_close(k1[:, :, :n], k0[:, :, :n], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(v1[:, :, :n], v0[:, :, :n], rtol=1e-4, atol=1e-4)
+    step = tokens(3, 1, seed=99)
+    with torch.no_grad():
+        outs = [model(step, routing="causal", cache=c.view(rows)) for c in caches]
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(outs[1].depths, outs[0].depths)
+
+
+def test_a_prompt_batch_that_the_pool_cannot_hold_takes_no_page():
+    model = make_decisive("vanilla")
+    cache = PagedCache.for_model(model, num_rows=2, max_seq_len=16, page_size=4, num_pages=5)
+    batch = cache.prefill([0, 1])
+    with torch.no_grad():
+        model(tokens(2, 12), routing="causal", cache=batch)
+    with pytest.raises(MemoryError, match="page pool is exhausted"):
+        batch.commit()
+    assert cache.pages_in_use() == 0
+    with pytest.raises(ValueError, match="does not fit a KV cache of at most 16"):
+        model(tokens(1, 17), routing="causal", cache=cache.prefill([0]))
+
+
 def test_kv_sharing_keeps_one_stream_per_distinct_layer():
     recursion, share = make_decisive("expert"), make_decisive("expert_share")
     assert len(recursion.model.cache_positions()) == recursion.model.plan.num_positions

@@ -7,7 +7,8 @@ CUDA graph without asking the host for pages; the host only makes sure, from cou
 enough pages are free for the steps it launches (:mod:`mor.infer.scheduler`).
 
 :class:`PagedCache` joins a pool to its storage (:class:`mor.model.kv_cache.KVPages`) and to a model's streams,
-and :class:`PagedRows` shows some of its rows to the model's forward as a batch (prefill, ``generate``).
+:class:`PagedRows` shows some of its rows to the model's forward as a batch (``generate``), and
+:class:`PagedPrefill` fills empty rows from one forward over their prompts (the engine's prefill).
 """
 
 from __future__ import annotations
@@ -153,6 +154,10 @@ class PagedCache:
         """The rows as the rows of a batch, for ``model(..., cache=view)``."""
         return PagedRows(self, list(rows))
 
+    def prefill(self, rows: Sequence[int]) -> PagedPrefill:
+        """Empty rows as the rows of a prompt batch, for ``model(..., cache=prefill)`` then ``prefill.commit()``."""
+        return PagedPrefill(self, list(rows))
+
     def release(self, row: int) -> None:
         self.pool.release(torch.tensor([row], device=self.pool.counts.device))
 
@@ -175,7 +180,7 @@ class PagedCache:
 class PagedRows:
     """Rows of a :class:`PagedCache` seen as the rows of a batch (the model's ``KVCache`` protocol). Pages are
     taken as the chunk's entries arrive, checked against the free pages (a host synchronisation per layer: this is
-    the path of prefills and of ``generate``, not of the engine's decoding steps)."""
+    the path of ``generate``, not of the engine)."""
 
     def __init__(self, cache: PagedCache, rows: list[int]) -> None:
         self.cache = cache
@@ -216,3 +221,72 @@ class PagedRows:
         k, v, positions = self.cache.pages.gather(pool.tables[s, self.rows, :width])
         valid = torch.arange(positions.shape[1], device=positions.device) < pool.counts[s, self.rows][:, None]
         return (k, v), TokenLayout(positions, valid)
+
+
+class PagedPrefill:
+    """Empty rows of a :class:`PagedCache` filled by one forward over their prompts (the model's ``KVCache``
+    protocol). With nothing cached before, attention stays within the prompt batch: each position's keys/values
+    are kept as the forward makes them and :meth:`commit` writes them all to the pages at the end, with one
+    allocation, one scatter and one host synchronisation, where :class:`PagedRows` allocates, writes and gathers
+    the pages at every layer."""
+
+    def __init__(self, cache: PagedCache, rows: list[int]) -> None:
+        self.cache = cache
+        self.rows = torch.tensor(rows, dtype=torch.long, device=cache.pool.counts.device)
+        self.kept: dict[int, tuple[Tensor, Tensor, TokenLayout]] = {}  # position -> keys, values, their tokens
+        self._masks: dict[int, tuple[TokenLayout, Tensor | None]] = {}  # one mask per layout (a step's layers)
+
+    def extend(self, layout: TokenLayout) -> TokenLayout:
+        pool = self.cache.pool
+        if layout.positions.shape[1] > pool.max_seq_len:
+            raise ValueError(f"a prompt of {layout.positions.shape[1]} tokens does not fit a KV cache of at most "
+                             f"{pool.max_seq_len}; allocate a longer cache")
+        count = layout.positions.shape[1] if layout.valid is None else layout.valid.sum(1)
+        pool.lengths[self.rows] = count
+        return layout
+
+    def updater(self, position: int, layout: TokenLayout) -> CacheUpdate:
+        def update(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+            self.kept[position] = (k, v, layout)
+            return k, v, self._mask(layout)
+
+        return update
+
+    def read(self, position: int) -> tuple[KV, TokenLayout]:
+        k, v, layout = self.kept[position]
+        return (k, v), layout
+
+    def _mask(self, layout: TokenLayout) -> Tensor | None:
+        kept = self._masks.get(id(layout))
+        if kept is None or kept[0] is not layout:
+            kept = self._masks[id(layout)] = (layout, allowed_attention(layout, layout))
+        return kept[1]
+
+    def commit(self) -> None:
+        """Write every kept key/value to its stream's pages; raises MemoryError before taking any page when the
+        pool is short."""
+        if not self.kept:
+            return
+        pool, pages = self.cache.pool, self.cache.pages
+        batch = self.rows.shape[0]
+        device = self.rows.device
+        streams = torch.tensor([self.cache.stream[p] for p in self.kept], device=device)
+        valid = [torch.ones_like(layout.positions, dtype=torch.bool) if layout.valid is None else layout.valid
+                 for _, _, layout in self.kept.values()]
+        added = torch.stack([v.sum(1) for v in valid])  # [positions, rows]
+        pair_streams = streams[:, None].expand(-1, batch).flatten()
+        pair_rows = self.rows[None].expand(len(streams), -1).flatten()
+        width = max(v.shape[1] for v in valid)
+        pool.grow(pair_streams, pair_rows, added.flatten(), math.ceil(width / pool.page_size), check=True)
+        where, offsets, keys, values, positions = [], [], [], [], []
+        for s, ok, (k, v, layout) in zip(streams, valid, self.kept.values()):
+            index = ok.long().cumsum(1) - 1  # entry index of each token in its (empty) stream
+            page = pool.tables[s, self.rows[:, None].expand_as(index), (index // pool.page_size).clamp(min=0)]
+            where.append(torch.where(ok, page, pages.trash).flatten())
+            offsets.append((index % pool.page_size).flatten())
+            keys.append(k.transpose(1, 2).flatten(0, 1))
+            values.append(v.transpose(1, 2).flatten(0, 1))
+            positions.append(layout.positions.flatten())
+        pages.write(torch.cat(where), torch.cat(offsets), torch.cat(keys), torch.cat(values), torch.cat(positions))
+        pool.count(pair_streams, pair_rows, added.flatten())
+        self.kept.clear()

@@ -232,9 +232,10 @@ class Runner:
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
-        self.model.model(ids.to(self.device), attention_mask=mask.to(self.device), routing="causal",
-                         cache=self.cache.view(rows), max_recursions=max_recursions,
-                         extra_recursions=extra_recursions)
+        cache = self.cache.prefill(rows)
+        self.model.model(ids.to(self.device), attention_mask=mask.to(self.device), routing="causal", cache=cache,
+                         max_recursions=max_recursions, extra_recursions=extra_recursions)
+        cache.commit()
 
     def enter(self, rows: list[int], tokens: list[int], positions: list[int], remaining: list[int],
               sampled: list[int], temperature: list[float], top_k: list[int], top_p: list[float],
