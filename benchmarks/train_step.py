@@ -67,7 +67,11 @@ def time_steps(step, warmup: int, iters: int) -> float:
 
 def measure(model: torch.nn.Module, ids: torch.Tensor, compile_model: bool, warmup: int, iters: int) -> dict:
     model.train()
-    fn = torch.compile(model) if compile_model else model
+    fn = model
+    if compile_model and isinstance(model, MoRForCausalLM):
+        model.compile()  # one graph for token-choice too (MoRForCausalLM.compile)
+    elif compile_model:
+        fn = torch.compile(model)
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):

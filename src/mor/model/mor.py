@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -329,6 +329,13 @@ class MoRForCausalLM(nn.Module):
             )
             out.loss = out.lm_loss + sum(routed.losses.values(), torch.zeros((), device=logits.device))
         return out
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``torch.compile`` the model in place (arguments as ``nn.Module.compile``). Token-choice packing reads a
+        data-dependent token count; ``capture_scalar_outputs`` (a process-wide Dynamo setting, turned on here)
+        traces it as a size, so the whole forward stays one graph."""
+        torch._dynamo.config.capture_scalar_outputs = True
+        super().compile(*args, **kwargs)
 
     # ------------------------------------------------------------------ routers (upkept by the training loop)
     def set_training_progress(self, forwards: int | None) -> None:

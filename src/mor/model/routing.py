@@ -70,7 +70,12 @@ def pack(keep: Tensor) -> tuple[Tensor, Tensor]:
     n = keep.shape[1]
     order = torch.arange(n, device=keep.device)
     key = torch.where(keep, order, order + n)
-    k = int(keep.sum(1).max().item()) if keep.numel() else 0
+    if keep.numel() == 0:
+        return keep.new_zeros(keep.shape[0], 0, dtype=torch.long), keep.new_zeros(keep.shape[0], 0)
+    # At least one slot (an empty attention would not do), so that torch.compile can trace k as a size.
+    k = int(keep.sum(1).max().clamp(min=1).item())
+    torch._check(k >= 1)
+    torch._check(k <= n)
     index = key.argsort(dim=1)[:, :k]
     return index, keep.gather(1, index)
 
