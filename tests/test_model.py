@@ -388,14 +388,14 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @pytest.mark.parametrize("variant", ["vanilla", "expert", "expert_share", "token", "token_share"])
-def test_a_training_forward_traces_as_one_graph_once_compiled(variant, monkeypatch):
+def test_a_training_forward_traces_as_one_graph_once_compiled(variant):
     """``MoRForCausalLM.compile`` turns on the tracing of token-choice's data-dependent token count as a size, so
     no variant breaks the graph (``.item()`` used to break it at every recursion step)."""
-    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", False)  # restored after the test
-    model = make(variant).train()
-    model.compile()
-    assert torch._dynamo.config.capture_scalar_outputs
-    ids = tokens(2, 32)
-    explained = torch._dynamo.explain(model.forward)(ids, labels=ids)
+    with torch._dynamo.config.patch(capture_scalar_outputs=False):  # restored after the test
+        model = make(variant).train()
+        model.compile()
+        assert torch._dynamo.config.capture_scalar_outputs
+        ids = tokens(2, 32)
+        explained = torch._dynamo.explain(model.forward)(ids, labels=ids)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
