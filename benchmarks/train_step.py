@@ -65,17 +65,20 @@ def time_steps(step, warmup: int, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure(model: torch.nn.Module, ids: torch.Tensor, compile_model: bool, warmup: int, iters: int) -> dict:
+def measure(model: torch.nn.Module, ids: torch.Tensor, compile_model: bool, warmup: int, iters: int,
+            chunked_loss: bool = False) -> dict:
     model.train()
     fn = model
-    if compile_model and isinstance(model, MoRForCausalLM):
+    ours = isinstance(model, MoRForCausalLM)
+    if compile_model and ours:
         model.compile()  # one graph for token-choice too (MoRForCausalLM.compile)
     elif compile_model:
         fn = torch.compile(model)
+    kwargs = dict(return_logits=False) if ours and chunked_loss else {}
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = fn(ids, labels=ids).loss
+            loss = fn(ids, labels=ids, **kwargs).loss
         loss.backward()
         for p in model.parameters():
             p.grad = None
@@ -116,6 +119,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--chunked-loss", action="store_true",
+                        help="our models take the head and loss a chunk at a time (run.chunked_loss)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     args = parser.parse_args()
 
@@ -130,12 +135,13 @@ def main() -> None:
             config = base if name == "hf-llama" else MoRConfig.from_preset(shape, **model_overrides(name))
             record = {"shape": shape, "model": name, "batch_size": args.batch_size, "seq_len": args.seq_len,
                       "effective_layers": config.num_effective_layers, "device": torch.cuda.get_device_name(),
-                      "torch": torch.__version__, "compiled": not args.no_compile}
+                      "torch": torch.__version__, "compiled": not args.no_compile,
+                      "chunked_loss": args.chunked_loss and name != "hf-llama"}
             try:
                 torch.manual_seed(0)
                 model = (hf_llama(base) if name == "hf-llama" else MoRForCausalLM(config)).cuda()
                 ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device="cuda")
-                record.update(measure(model, ids, not args.no_compile, args.warmup, args.iters))
+                record.update(measure(model, ids, not args.no_compile, args.warmup, args.iters, args.chunked_loss))
                 head = 2.0 * config.hidden_size * config.vocab_size
                 record["train_flops_per_token"] = 3.0 * (forward_flops_per_token(config, args.seq_len) + head)
                 if peak:

@@ -399,3 +399,26 @@ def test_a_training_forward_traces_as_one_graph_once_compiled(variant):
         explained = torch._dynamo.explain(model.forward)(ids, labels=ids)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "expert", "token_share"])
+def test_a_loss_without_logits_is_the_same_loss_with_the_same_gradients(variant):
+    model = make(variant).train()
+    ids = tokens(2, 24)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    outs, grads = [], []
+    for return_logits in (True, False):
+        model.zero_grad()
+        torch.manual_seed(0)
+        out = model(ids, labels=ids, attention_mask=mask, return_logits=return_logits)
+        out.loss.backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    full, chunked = outs
+    assert chunked.logits is None and full.logits is not None
+    torch.testing.assert_close(chunked.lm_loss, full.lm_loss)
+    torch.testing.assert_close(chunked.loss, full.loss)
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

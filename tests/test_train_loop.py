@@ -54,6 +54,20 @@ def test_accumulation_split_does_not_change_training(data, tmp_path):
             torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)  # Adam amplifies float noise
 
 
+def test_the_chunked_loss_trains_like_the_full_logits(data, tmp_path):
+    runs = {}
+    for chunked in (False, True):
+        out = tmp_path / str(chunked)
+        train(tiny_config(data, out, budget={"steps": 3}, run={"chunked_loss": chunked, "eval_batches": 1}))
+        runs[chunked] = curve(out)
+    assert len(runs[True]) == len(runs[False]) == 4
+    for x, y in zip(runs[False], runs[True]):
+        assert x.keys() == y.keys()
+        for key in x.keys() & {"loss", "lm_loss", "grad_norm", "val/nll_topk", "val/nll_causal"}:
+            assert y[key] == pytest.approx(x[key], rel=1e-4), key
+    assert "val/nll_causal" in runs[True][-1] and runs[True][0]["loss"] != runs[True][2]["loss"]
+
+
 @pytest.mark.parametrize("model", [
     # expert-choice with the auxiliary router's own param group, resumed in the middle of the capacity warm-up
     {"expert_sampling": "aux_router", "capacity_warmup_steps": 16},

@@ -24,6 +24,7 @@ from mor.integrity import verify_manifest
 from mor.model import io
 from mor.model.kv_cache import KVCache
 from mor.model.layers import KV, DecoderLayer, RMSNorm, RotaryEmbedding, TokenLayout, allowed_attention
+from mor.model.loss import linear_cross_entropy
 from mor.model.routing import ExpertChoice, RoutingResult, Selection, TokenChoice, pack
 from mor.model.sharing import LayerPlan, layer_plan
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class MoROutput:
-    logits: Tensor
+    logits: Tensor | None  # None when the loss was taken without them (``return_logits=False``)
     loss: Tensor | None = None
     lm_loss: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
@@ -296,9 +297,12 @@ class MoRForCausalLM(nn.Module):
         max_recursions: int | None = None,
         cache: KVCache | None = None,
         extra_recursions: int = 0,
+        return_logits: bool = True,
     ) -> MoROutput:
         """``routing``: "topk" (per-sequence top-k, the paper's forward; the default in training) or "causal"
         (per-token threshold decisions, the default in ``eval()``, so no logit depends on a later token).
+        ``return_logits=False`` with ``labels`` takes the loss a chunk of tokens at a time
+        (:func:`mor.model.loss.linear_cross_entropy`): the same loss and gradients without the full logits.
 
         ``max_recursions`` caps the depth; ``extra_recursions`` applies the block that many more times after the
         last trained step to the tokens that reach it (test-time depth scaling; the last router decides).
@@ -319,15 +323,17 @@ class MoRForCausalLM(nn.Module):
 
         hidden, depths, routed = self.model(input_ids, attention_mask, document_ids, routing, max_recursions,
                                             cache, extra_recursions)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden) if return_logits or labels is None else None
         out = MoROutput(logits=logits, aux_losses=routed.losses, depths=depths, router_stats=routed.stats)
         if labels is not None:
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, -100)
-            out.lm_loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-            )
-            out.loss = out.lm_loss + sum(routed.losses.values(), torch.zeros((), device=logits.device))
+            targets = labels[:, 1:].flatten()
+            if logits is None:
+                out.lm_loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.lm_head.weight, targets)
+            else:
+                out.lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100)
+            out.loss = out.lm_loss + sum(routed.losses.values(), torch.zeros((), device=hidden.device))
         return out
 
     def compile(self, *args: Any, **kwargs: Any) -> None:

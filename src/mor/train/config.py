@@ -84,6 +84,7 @@ class RunConfig:
     save_every: int = 1000  # 0: save only at the end
     keep_last: int = 3
     compile: bool | str = "auto"  # auto: on for CUDA, where it speeds training up; off on CPU, where it does not
+    chunked_loss: bool = False  # the head and loss a chunk of tokens at a time, never holding the full logits
     dtype: str = "auto"  # auto: bfloat16 autocast on GPU, float32 on CPU
     device: str = "auto"
     strategy: str = "none"  # none | ddp | fsdp (the latter two under torchrun)

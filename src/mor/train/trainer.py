@@ -230,7 +230,8 @@ class Trainer:
             mb = {k: v.to(self.env.device, non_blocking=True) for k, v in mb.items()}
             self._set_progress(i)
             with distributed.gradient_sync(self.model, i == accum - 1), self.autocast:
-                out = self.model(mb["input_ids"], labels=mb["labels"], document_ids=mb.get("document_ids"))
+                out = self.model(mb["input_ids"], labels=mb["labels"], document_ids=mb.get("document_ids"),
+                                 return_logits=not self.config.run.chunked_loss)
             (out.loss * weight).backward()
             for name, value in {"loss": out.loss, "lm_loss": out.lm_loss, **out.aux_losses}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * weight
@@ -284,7 +285,8 @@ class Trainer:
                 batch = {k: v.to(self.env.device) for k, v in batch.items()}
                 with self.autocast:
                     out = self.model(batch["input_ids"], labels=batch["labels"],
-                                     document_ids=batch.get("document_ids"), routing=mode)
+                                     document_ids=batch.get("document_ids"), routing=mode,
+                                     return_logits=not self.config.run.chunked_loss)
                 count = (batch["labels"][:, 1:] != -100).sum()
                 nll += torch.stack([out.lm_loss.double() * count, count.double()])
             total, count = distributed.all_reduce_sum(nll).tolist()
