@@ -5,6 +5,11 @@ the 135M and 360M shapes of the paper. ``transformers.LlamaForCausalLM`` (SDPA, 
 measured in the same run as the baseline. Prints a table and writes JSON.
 
     python benchmarks/train_step.py --shapes smollm-135m smollm-360m --out bench-out
+    python benchmarks/train_step.py --shapes smollm-360m --models vanilla mor-expert-3 --regional --chunked-loss
+
+``--regional`` compiles our models a layer at a time (``MoRForCausalLM.compile_regions``) and ``--chunked-loss``
+takes their head and loss a chunk of tokens at a time; ``first_step_s`` in the JSON is the first step, compile
+included.
 
 MFU counts 3x the forward FLOPs of ``mor.model.flops`` (linear layers, causal attention) plus the LM head, against
 the GPU's dense bf16 peak.
@@ -66,11 +71,13 @@ def time_steps(step, warmup: int, iters: int) -> float:
 
 
 def measure(model: torch.nn.Module, ids: torch.Tensor, compile_model: bool, warmup: int, iters: int,
-            chunked_loss: bool = False) -> dict:
+            chunked_loss: bool = False, regional: bool = False) -> dict:
     model.train()
     fn = model
     ours = isinstance(model, MoRForCausalLM)
-    if compile_model and ours:
+    if compile_model and ours and regional:
+        model.compile_regions()
+    elif compile_model and ours:
         model.compile()  # one graph for token-choice too (MoRForCausalLM.compile)
     elif compile_model:
         fn = torch.compile(model)
@@ -119,6 +126,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--regional", action="store_true",
+                        help="compile our models a layer at a time (run.compile: regional)")
     parser.add_argument("--chunked-loss", action="store_true",
                         help="our models take the head and loss a chunk at a time (run.chunked_loss)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
@@ -136,12 +145,14 @@ def main() -> None:
             record = {"shape": shape, "model": name, "batch_size": args.batch_size, "seq_len": args.seq_len,
                       "effective_layers": config.num_effective_layers, "device": torch.cuda.get_device_name(),
                       "torch": torch.__version__, "compiled": not args.no_compile,
-                      "chunked_loss": args.chunked_loss and name != "hf-llama"}
+                      "chunked_loss": args.chunked_loss and name != "hf-llama",
+                      "regional": args.regional and name != "hf-llama"}
             try:
                 torch.manual_seed(0)
                 model = (hf_llama(base) if name == "hf-llama" else MoRForCausalLM(config)).cuda()
                 ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device="cuda")
-                record.update(measure(model, ids, not args.no_compile, args.warmup, args.iters, args.chunked_loss))
+                record.update(measure(model, ids, not args.no_compile, args.warmup, args.iters, args.chunked_loss,
+                                       args.regional))
                 head = 2.0 * config.hidden_size * config.vocab_size
                 record["train_flops_per_token"] = 3.0 * (forward_flops_per_token(config, args.seq_len) + head)
                 if peak:

@@ -28,7 +28,7 @@ def minimal(**sections) -> dict:
     ({"optim": {"lr": "abc"}}, "optim.lr: expected float, got str 'abc'"),
     ({"optim": {"lrr": 1.0}}, "optim.lrr: unknown key"),
     ({"optimizer": {}}, "optimizer: unknown key"),
-    ({"run": {"compile": "yes"}}, "run.compile: expected true, false or auto, got 'yes'"),
+    ({"run": {"compile": "yes"}}, "run.compile: expected true, false, auto or regional, got 'yes'"),
     ({"batch": {"micro_batch_size": 2.5}}, "batch.micro_batch_size: expected int, got float 2.5"),
     ({"optim": {"betas": [0.9]}}, "optim.betas: expected 2 values, got 1"),
     ({"optim": {"betas": [0.9, "x"]}}, "optim.betas[1]: expected float, got str 'x'"),

@@ -54,11 +54,12 @@ def test_accumulation_split_does_not_change_training(data, tmp_path):
             torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)  # Adam amplifies float noise
 
 
-def test_the_chunked_loss_trains_like_the_full_logits(data, tmp_path):
+def test_the_chunked_loss_and_regional_compilation_train_like_the_plain_run(data, tmp_path):
     runs = {}
-    for chunked in (False, True):
+    for chunked, compile in ((False, False), (True, "regional")):
         out = tmp_path / str(chunked)
-        train(tiny_config(data, out, budget={"steps": 3}, run={"chunked_loss": chunked, "eval_batches": 1}))
+        train(tiny_config(data, out, budget={"steps": 3},
+                          run={"chunked_loss": chunked, "compile": compile, "eval_batches": 1}))
         runs[chunked] = curve(out)
     assert len(runs[True]) == len(runs[False]) == 4
     for x, y in zip(runs[False], runs[True]):

@@ -328,11 +328,7 @@ class MoRForCausalLM(nn.Module):
         if labels is not None:
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, -100)
-            targets = labels[:, 1:].flatten()
-            if logits is None:
-                out.lm_loss = linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.lm_head.weight, targets)
-            else:
-                out.lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100)
+            out.lm_loss = self._lm_loss(hidden, logits, labels)
             out.loss = out.lm_loss + sum(routed.losses.values(), torch.zeros((), device=hidden.device))
         return out
 
@@ -342,6 +338,22 @@ class MoRForCausalLM(nn.Module):
         traces it as a size, so the whole forward stays one graph."""
         torch._dynamo.config.capture_scalar_outputs = True
         super().compile(*args, **kwargs)
+
+    def compile_regions(self, **kwargs: Any) -> None:
+        """Regional compilation: ``torch.compile`` each decoder layer on its own, and the head with the loss.
+        The layers share their code, so one layer is compiled (once per attention form: causal, or masked for
+        gathered tokens) however deep the model; routing, gathers and scatters between them run eagerly. Compiles
+        in a fraction of the whole model's time."""
+        for layer in self.model.layers:
+            layer.compile(**kwargs)
+        self._lm_loss = torch.compile(self._lm_loss, **kwargs)
+
+    def _lm_loss(self, hidden: Tensor, logits: Tensor | None, labels: Tensor) -> Tensor:
+        """Next-token cross-entropy; without ``logits``, the head and loss a chunk of tokens at a time."""
+        targets = labels[:, 1:].flatten()
+        if logits is None:
+            return linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.lm_head.weight, targets)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100)
 
     # ------------------------------------------------------------------ routers (upkept by the training loop)
     def set_training_progress(self, forwards: int | None) -> None:

@@ -83,7 +83,8 @@ class RunConfig:
     eval_batches: int = 20
     save_every: int = 1000  # 0: save only at the end
     keep_last: int = 3
-    compile: bool | str = "auto"  # auto: on for CUDA, where it speeds training up; off on CPU, where it does not
+    compile: bool | str = "auto"  # auto: on for CUDA, where it speeds training up; off on CPU, where it does not;
+    # regional: each layer and the loss on their own (MoRForCausalLM.compile_regions), a fraction of the compile time
     chunked_loss: bool = False  # the head and loss a chunk of tokens at a time, never holding the full logits
     dtype: str = "auto"  # auto: bfloat16 autocast on GPU, float32 on CPU
     device: str = "auto"
@@ -93,7 +94,7 @@ class RunConfig:
 
     def compiles(self, device_type: str) -> bool:
         """Whether to ``torch.compile`` the model on a device of this type."""
-        return self.compile if isinstance(self.compile, bool) else device_type == "cuda"
+        return self.compile if isinstance(self.compile, bool) else self.compile == "regional" or device_type == "cuda"
 
 
 @dataclass
@@ -179,8 +180,8 @@ class TrainConfig:
         for name in ("eval_every", "save_every"):
             if getattr(self.run, name) < 0:
                 raise ConfigError(f"run.{name}: must be non-negative, got {getattr(self.run, name)}")
-        if self.run.compile not in (True, False, "auto"):
-            raise ConfigError(f"run.compile: expected true, false or auto, got {self.run.compile!r}")
+        if self.run.compile not in (True, False, "auto", "regional"):
+            raise ConfigError(f"run.compile: expected true, false, auto or regional, got {self.run.compile!r}")
         _choice(self.run.dtype, DTYPES, "run.dtype")
         _choice(self.run.strategy, STRATEGIES, "run.strategy")
 

@@ -80,7 +80,9 @@ class Trainer:
         if init_from is not None and resume_from is None:
             _load_initial_weights(model, init_from)
         model.to(self.env.device)
-        if config.run.compiles(self.env.device.type):
+        if config.run.compile == "regional":
+            model.compile_regions()
+        elif config.run.compiles(self.env.device.type):
             model.compile()
         self.model = distributed.wrap(model, config.run.strategy, self.env)
         self.module: MoRForCausalLM = distributed.unwrap(self.model)
