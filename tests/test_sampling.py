@@ -3,7 +3,7 @@ depends on nothing but its seed and counter."""
 
 import torch
 
-from mor.infer.sampling import argmax_rows, sample_rows
+from mor.infer.sampling import argmax_rows, gumbel_of_bits, sample_rows
 
 V, N = 7, 40_000
 
@@ -59,3 +59,20 @@ def test_the_two_stage_argmax_equals_argmax_ties_included():
         x = torch.randint(0, 6, (64, vocab), generator=generator).float()  # many ties across chunks
         x[5] = float("-inf")
         assert torch.equal(argmax_rows(x), x.argmax(-1))
+
+
+def test_the_noise_is_finite_at_the_extremes_of_its_bits():
+    noise = gumbel_of_bits(torch.tensor([0, 1, 2**23 - 2, 2**23 - 1]))
+    assert noise.isfinite().all() and (noise.diff() > 0).all()
+
+
+def test_a_wide_vocabulary_never_draws_a_token_far_below_the_top():
+    """With logits 60 apart, the top token is the only possible draw, with or without top_k=1."""
+    rows, vocab = 256, 65_536
+    logits = torch.full((1, vocab), -30.0)
+    logits[0, 0] = 30.0
+    index = torch.arange(rows)
+    args = (logits.expand(rows, vocab), torch.ones(rows), torch.ones(rows, dtype=torch.long), torch.ones(rows),
+            index % 61, index // 61)
+    assert (sample_rows(*args, "sample") == 0).all()
+    assert (sample_rows(*args, "filter") == 0).all()

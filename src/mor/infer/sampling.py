@@ -76,16 +76,24 @@ def _(x: Tensor) -> Tensor:
 
 def _row_keys(seed: Tensor, counter: Tensor) -> Tensor:
     """One 32-bit key per row from its ``seed`` and ``counter`` (the index of the token being drawn)."""
-    return _hash32(_hash32(seed & _M32) ^ (counter & _M32))
+    return _hash32(_hash32(seed & _M32) ^ _hash32(counter & _M32))
 
 
 def gumbel_noise(seed: Tensor, counter: Tensor, vocab: int) -> Tensor:
-    """Standard Gumbel noise [N, vocab] (float32, 24 random bits per entry) that depends only on each row's
-    ``seed`` and ``counter``: a request samples the same tokens whatever else shares its batch, and after a
-    preemption."""
-    index = torch.arange(vocab, device=seed.device)
-    bits = _hash32(_row_keys(seed, counter)[:, None] ^ index) >> 8
-    u = (bits.float() + 0.5) / 2**24
+    """Standard Gumbel noise [N, vocab] (float32, 23 random bits per entry, always finite) that depends only on
+    each row's ``seed`` and ``counter``: a request samples the same tokens whatever else shares its batch, and
+    after a preemption. Entry i of a row is ``hash(hash(key ^ i) ^ key)``: the outer round keeps two rows' noises
+    from being each other's entries reordered. (The index only ever meets the key: a product of the index with a
+    constant would make compiled code compute it in 32 bits.)"""
+    key = _row_keys(seed, counter)[:, None]
+    return gumbel_of_bits(_hash32(_hash32(key ^ torch.arange(vocab, device=seed.device)) ^ key) >> 9)
+
+
+def gumbel_of_bits(bits: Tensor) -> Tensor:
+    """Gumbel noise from uniform 23-bit integers: ``(bits + 0.5) / 2**23`` is exact in float32, so the uniform
+    number lies in (0, 1) and the noise is finite (24 bits would round the largest up to 1, and the noise to
+    infinity)."""
+    u = (bits.float() + 0.5) / 2**23
     return -torch.log(-torch.log(u))
 
 
@@ -94,12 +102,12 @@ def argmax_rows(x: Tensor, chunk: int = 1024) -> Tensor:
     that a few rows of a wide vocabulary still spread over the whole GPU; ties go to the first index, as
     ``argmax`` does."""
     n, v = x.shape
-    if v <= chunk:
+    if v <= chunk or n == 0:
         return x.argmax(-1)
     pad = -v % chunk
     if pad:
         x = torch.nn.functional.pad(x, (0, pad), value=float("-inf"))
-    best, index = x.view(n, -1, chunk).max(-1)
+    best, index = x.reshape(n, (v + pad) // chunk, chunk).max(-1)
     which = best.argmax(-1, keepdim=True)
     return (which * chunk + index.gather(1, which))[:, 0]
 
