@@ -213,7 +213,7 @@ def relative_max_batch(config: MoRConfig, base_batch: int) -> int:
     if config.sharing == "none":
         return base_batch
     full = config.recursion_block_size * config.num_recursions
-    return max(1, math.floor(base_batch * full / block_entries_per_token(config)))
+    return max(1, math.floor(base_batch * full / block_entries_per_token(config) + 1e-9))  # 1.999... is 2
 
 
 def block_entries_per_token(config: MoRConfig) -> float:
@@ -223,13 +223,6 @@ def block_entries_per_token(config: MoRConfig) -> float:
     if config.kv_cache == "share":
         return float(block)
     return block * (sum(config.step_capacities) if config.router == "expert" else config.num_recursions)
-
-
-def kv_entries_per_token(config: MoRConfig) -> float:
-    """Expected key/value entries a token writes over all unrolled layers: the unique layers' and the block's."""
-    if config.sharing == "none":
-        return float(config.num_hidden_layers)
-    return (2 if config.is_middle else 0) + block_entries_per_token(config)
 
 
 def block_ratio_target(config: MoRConfig) -> float:

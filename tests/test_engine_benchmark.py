@@ -36,7 +36,7 @@ def test_kv_expectations_match_the_paper_ratios():
         cfg = MoRConfig.from_preset("smollm-360m", sharing="middle_cycle", num_recursions=nr, router="expert")
         assert bench.block_ratio_target(cfg) == pytest.approx((nr + 1) / (2 * nr))
         block = cfg.recursion_block_size
-        assert bench.kv_entries_per_token(cfg) == pytest.approx(2 + block * (nr + 1) / 2)
+        assert bench.block_entries_per_token(cfg) == pytest.approx(block * (nr + 1) / 2)
         assert bench.block_ratio_target(cfg.replace(kv_cache="share")) == pytest.approx(1 / nr)
         assert bench.relative_max_batch(cfg.replace(kv_cache="share"), 32) == 32 * nr
 

@@ -124,9 +124,20 @@ def test_a_prompt_batch_that_the_pool_cannot_hold_takes_no_page():
         model(tokens(2, 12), routing="causal", cache=batch)
     with pytest.raises(MemoryError, match="page pool is exhausted"):
         batch.commit()
-    assert cache.pages_in_use() == 0
+    assert cache.pages_in_use() == 0 and not cache.pool.lengths.any()
     with pytest.raises(ValueError, match="does not fit a KV cache of at most 16"):
         model(tokens(1, 17), routing="causal", cache=cache.prefill([0]))
+    with pytest.raises(ValueError, match="distinct rows"):
+        cache.prefill([1, 1])
+    with pytest.raises(ValueError, match="document_ids"):
+        model(tokens(1, 4), routing="causal", document_ids=torch.zeros(1, 4, dtype=torch.long),
+              cache=cache.prefill([0]))
+    batch = cache.prefill([0])
+    with torch.no_grad():
+        model(tokens(1, 4), routing="causal", cache=batch)
+    batch.commit()
+    with pytest.raises(ValueError, match="fills empty rows; release rows \\[0\\] first"):
+        cache.prefill([0])
 
 
 def test_kv_sharing_keeps_one_stream_per_distinct_layer():

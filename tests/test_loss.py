@@ -59,3 +59,14 @@ def test_bad_shapes_are_refused_clearly():
         linear_cross_entropy(hidden[None], weight, labels)
     with pytest.raises(ValueError, match="chunk_tokens"):
         linear_cross_entropy(hidden, weight, labels, 0)
+
+
+def test_a_frozen_head_gets_no_gradient_and_nothing_labelled_is_nan_as_in_the_plain_loss():
+    hidden, weight, labels = inputs()
+    weight.requires_grad_(False)
+    loss = linear_cross_entropy(hidden, weight, labels, 8)
+    loss.backward()
+    torch.testing.assert_close(hidden.grad, torch.autograd.grad(reference(hidden, weight, labels), hidden)[0])
+    assert weight.grad is None
+    unlabelled = torch.full_like(labels, -100)
+    assert linear_cross_entropy(hidden, weight, unlabelled).isnan() and reference(hidden, weight, unlabelled).isnan()

@@ -227,25 +227,35 @@ class PagedPrefill:
     """Empty rows of a :class:`PagedCache` filled by one forward over their prompts (the model's ``KVCache``
     protocol). With nothing cached before, attention stays within the prompt batch: each position's keys/values
     are kept as the forward makes them and :meth:`commit` writes them all to the pages at the end, with one
-    allocation, one scatter and one host synchronisation, where :class:`PagedRows` allocates, writes and gathers
-    the pages at every layer."""
+    allocation and one scatter, where :class:`PagedRows` allocates, writes, gathers and synchronises with the host
+    at every layer."""
 
     def __init__(self, cache: PagedCache, rows: list[int]) -> None:
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"a prefill needs distinct rows, got {rows}")
         self.cache = cache
         self.rows = torch.tensor(rows, dtype=torch.long, device=cache.pool.counts.device)
+        if bool(cache.pool.held[:, self.rows].any()):
+            raise ValueError(f"a prefill fills empty rows; release rows {rows} first")
         self.kept: dict[int, tuple[Tensor, Tensor, TokenLayout]] = {}  # position -> keys, values, their tokens
+        self.lengths: Tensor | None = None
         self._masks: dict[int, tuple[TokenLayout, Tensor | None]] = {}  # one mask per layout (a step's layers)
 
     def extend(self, layout: TokenLayout) -> TokenLayout:
         pool = self.cache.pool
+        if layout.documents is not None:
+            raise ValueError("document_ids are not supported with a KV cache: decode one document per row")
         if layout.positions.shape[1] > pool.max_seq_len:
             raise ValueError(f"a prompt of {layout.positions.shape[1]} tokens does not fit a KV cache of at most "
                              f"{pool.max_seq_len}; allocate a longer cache")
-        count = layout.positions.shape[1] if layout.valid is None else layout.valid.sum(1)
-        pool.lengths[self.rows] = count
+        width = layout.positions.shape[1]
+        self.lengths = torch.full_like(self.rows, width) if layout.valid is None else layout.valid.sum(1)
         return layout
 
     def updater(self, position: int, layout: TokenLayout) -> CacheUpdate:
+        if position in self.kept:
+            raise RuntimeError(f"position {position} stored twice in one prefill")
+
         def update(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
             self.kept[position] = (k, v, layout)
             return k, v, self._mask(layout)
@@ -257,36 +267,37 @@ class PagedPrefill:
         return (k, v), layout
 
     def _mask(self, layout: TokenLayout) -> Tensor | None:
-        kept = self._masks.get(id(layout))
-        if kept is None or kept[0] is not layout:
-            kept = self._masks[id(layout)] = (layout, allowed_attention(layout, layout))
-        return kept[1]
+        if id(layout) not in self._masks:  # the memo holds the layout, so its id is not reused meanwhile
+            self._masks[id(layout)] = (layout, allowed_attention(layout, layout))
+        return self._masks[id(layout)][1]
 
     def commit(self) -> None:
-        """Write every kept key/value to its stream's pages; raises MemoryError before taking any page when the
-        pool is short."""
-        if not self.kept:
-            return
+        """Write every kept key/value to its stream's pages and count the rows' tokens; raises MemoryError before
+        taking any page when the pool is short (one host synchronisation)."""
         pool, pages = self.cache.pool, self.cache.pages
-        batch = self.rows.shape[0]
-        device = self.rows.device
-        streams = torch.tensor([self.cache.stream[p] for p in self.kept], device=device)
-        valid = [torch.ones_like(layout.positions, dtype=torch.bool) if layout.valid is None else layout.valid
-                 for _, _, layout in self.kept.values()]
-        added = torch.stack([v.sum(1) for v in valid])  # [positions, rows]
-        pair_streams = streams[:, None].expand(-1, batch).flatten()
-        pair_rows = self.rows[None].expand(len(streams), -1).flatten()
-        width = max(v.shape[1] for v in valid)
-        pool.grow(pair_streams, pair_rows, added.flatten(), math.ceil(width / pool.page_size), check=True)
-        where, offsets, keys, values, positions = [], [], [], [], []
-        for s, ok, (k, v, layout) in zip(streams, valid, self.kept.values()):
-            index = ok.long().cumsum(1) - 1  # entry index of each token in its (empty) stream
-            page = pool.tables[s, self.rows[:, None].expand_as(index), (index // pool.page_size).clamp(min=0)]
-            where.append(torch.where(ok, page, pages.trash).flatten())
-            offsets.append((index % pool.page_size).flatten())
-            keys.append(k.transpose(1, 2).flatten(0, 1))
-            values.append(v.transpose(1, 2).flatten(0, 1))
-            positions.append(layout.positions.flatten())
-        pages.write(torch.cat(where), torch.cat(offsets), torch.cat(keys), torch.cat(values), torch.cat(positions))
-        pool.count(pair_streams, pair_rows, added.flatten())
-        self.kept.clear()
+        if self.kept:
+            batch = self.rows.shape[0]
+            device = self.rows.device
+            streams = torch.tensor([self.cache.stream[p] for p in self.kept], device=device)
+            valid = [torch.ones_like(layout.positions, dtype=torch.bool) if layout.valid is None else layout.valid
+                     for _, _, layout in self.kept.values()]
+            added = torch.stack([v.sum(1) for v in valid])  # [positions, rows]
+            pair_streams = streams[:, None].expand(-1, batch).flatten()
+            pair_rows = self.rows[None].expand(len(streams), -1).flatten()
+            width = max(v.shape[1] for v in valid)
+            pool.grow(pair_streams, pair_rows, added.flatten(), math.ceil(width / pool.page_size), check=True)
+            where, offsets, keys, values, positions = [], [], [], [], []
+            for s, ok, (k, v, layout) in zip(streams, valid, self.kept.values()):
+                index = ok.long().cumsum(1) - 1  # entry index of each token in its (empty) stream
+                page = pool.tables[s, self.rows[:, None].expand_as(index), (index // pool.page_size).clamp(min=0)]
+                where.append(torch.where(ok, page, pages.trash).flatten())
+                offsets.append((index % pool.page_size).flatten())
+                keys.append(k.transpose(1, 2).flatten(0, 1))
+                values.append(v.transpose(1, 2).flatten(0, 1))
+                positions.append(layout.positions.flatten())
+            pages.write(torch.cat(where), torch.cat(offsets), torch.cat(keys), torch.cat(values),
+                        torch.cat(positions))
+            pool.count(pair_streams, pair_rows, added.flatten())
+            self.kept.clear()
+        if self.lengths is not None:
+            pool.lengths[self.rows] = self.lengths

@@ -17,10 +17,9 @@ IGNORE_INDEX = -100
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int = 4096) -> Tensor:
-    """``F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100)`` (the mean over the labelled tokens; 0
-    when none is labelled) for
-    ``hidden`` [N, d], ``weight`` [V, d] and ``labels`` [N], ``chunk_tokens`` tokens at a time. Under autocast the
-    head runs in the autocast dtype, as ``F.linear`` would; the loss is taken in float32."""
+    """``F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100)`` (the mean over the labelled tokens, NaN
+    when none is) for ``hidden`` [N, d], ``weight`` [V, d] and ``labels`` [N], ``chunk_tokens`` tokens at a time.
+    Under autocast the head runs in the autocast dtype, as ``F.linear`` would; the loss is taken in float32."""
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"expected hidden [N, d], weight [V, d] and labels [N], got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)} and {tuple(labels.shape)}")
@@ -31,33 +30,36 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_t
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, dtype)
     with torch.autocast(device, enabled=False):
-        total, _, _ = _chunks(hidden, weight, labels, chunk_tokens, dtype, grads=False)
-        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        total, _, _ = _chunks(hidden, weight, labels, chunk_tokens, dtype, False, False)
+        return total / (labels != IGNORE_INDEX).sum()
 
 
 def _chunks(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int, dtype: torch.dtype,
-            grads: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The summed loss over the chunks and, with ``grads``, the gradients of that sum over ``hidden`` (in
-    ``dtype``) and ``weight`` (float32)."""
+            grad_hidden_wanted: bool, grad_weight_wanted: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The summed loss over the chunks and the gradients of that sum wanted: over ``hidden`` (in ``dtype``) and
+    over ``weight`` (float32)."""
     w = weight.to(dtype)
     total = torch.zeros((), device=hidden.device)
-    grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if grads else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
+    grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if grad_hidden_wanted else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight_wanted \
+        else None
     for start in range(0, hidden.shape[0], chunk_tokens):
         h = hidden[start: start + chunk_tokens].to(dtype)
         y = labels[start: start + chunk_tokens]
         logits = F.linear(h, w).float()
         keep = y != IGNORE_INDEX
-        target = y.clamp(min=0)
+        target = y.masked_fill(~keep, 0)
         lse = logits.logsumexp(-1)
         total = total + ((lse - logits.gather(1, target[:, None])[:, 0]) * keep).sum()
-        if grads:
+        if grad_hidden_wanted or grad_weight_wanted:
             # d(sum of losses)/d(logits) = softmax - one_hot, zero for unlabelled tokens
             grad = (logits - lse[:, None]).exp()
             grad.scatter_add_(1, target[:, None], -torch.ones_like(grad[:, :1]))
             grad = (grad * keep[:, None]).to(dtype)
-            grad_hidden[start: start + chunk_tokens] = grad @ w
-            grad_weight += (grad.T @ h).float()
+            if grad_hidden is not None:
+                grad_hidden[start: start + chunk_tokens] = grad @ w
+            if grad_weight is not None:
+                grad_weight += (grad.T @ h).float()
     return total, grad_hidden, grad_weight
 
 
@@ -65,17 +67,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int,
                 dtype: torch.dtype) -> Tensor:
+        wanted = ctx.needs_input_grad
         with torch.autocast(hidden.device.type, enabled=False):
-            total, grad_hidden, grad_weight = _chunks(hidden, weight, labels, chunk_tokens, dtype, grads=True)
-        count = (labels != IGNORE_INDEX).sum().clamp(min=1)
+            total, grad_hidden, grad_weight = _chunks(hidden, weight, labels, chunk_tokens, dtype, wanted[0],
+                                                      wanted[1])
+        count = (labels != IGNORE_INDEX).sum()
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total / count
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         grad_hidden, grad_weight, count = ctx.saved_tensors
         scale = grad_output / count
         hidden_dtype, weight_dtype = ctx.dtypes
-        return (grad_hidden.float().mul(scale).to(hidden_dtype), grad_weight.mul(scale).to(weight_dtype),
-                None, None, None)
+        return (None if grad_hidden is None else grad_hidden.float().mul(scale).to(hidden_dtype),
+                None if grad_weight is None else grad_weight.mul(scale).to(weight_dtype), None, None, None)

@@ -269,6 +269,15 @@ def _input_layout(input_ids: Tensor, attention_mask: Tensor | None, document_ids
     return TokenLayout(positions, valid, document_ids)
 
 
+def next_token_loss(hidden: Tensor, head: Tensor, logits: Tensor | None, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy of ``logits`` [B, T, V] against ``labels`` [B, T]; without ``logits``, of the head
+    ``head`` [V, d] over ``hidden`` [B, T, d], a chunk of tokens at a time."""
+    targets = labels[:, 1:].flatten()
+    if logits is None:
+        return linear_cross_entropy(hidden[:, :-1].flatten(0, 1), head, targets)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100)
+
+
 class MoRForCausalLM(nn.Module):
     """Causal language model; ``model(input_ids, labels=...)`` returns a :class:`MoROutput`."""
 
@@ -280,6 +289,7 @@ class MoRForCausalLM(nn.Module):
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._next_token_loss = next_token_loss  # compiled on its own by compile_regions
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -328,7 +338,7 @@ class MoRForCausalLM(nn.Module):
         if labels is not None:
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, -100)
-            out.lm_loss = self._lm_loss(hidden, logits, labels)
+            out.lm_loss = self._next_token_loss(hidden, self.lm_head.weight, logits, labels)
             out.loss = out.lm_loss + sum(routed.losses.values(), torch.zeros((), device=hidden.device))
         return out
 
@@ -346,14 +356,7 @@ class MoRForCausalLM(nn.Module):
         in a fraction of the whole model's time."""
         for layer in self.model.layers:
             layer.compile(**kwargs)
-        self._lm_loss = torch.compile(self._lm_loss, **kwargs)
-
-    def _lm_loss(self, hidden: Tensor, logits: Tensor | None, labels: Tensor) -> Tensor:
-        """Next-token cross-entropy; without ``logits``, the head and loss a chunk of tokens at a time."""
-        targets = labels[:, 1:].flatten()
-        if logits is None:
-            return linear_cross_entropy(hidden[:, :-1].flatten(0, 1), self.lm_head.weight, targets)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100)
+        self._next_token_loss = torch.compile(next_token_loss, **kwargs)
 
     # ------------------------------------------------------------------ routers (upkept by the training loop)
     def set_training_progress(self, forwards: int | None) -> None:

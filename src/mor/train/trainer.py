@@ -83,7 +83,7 @@ class Trainer:
         if config.run.compile == "regional":
             model.compile_regions()
         elif config.run.compiles(self.env.device.type):
-            model.compile()
+            model.compile()  # also turns on Dynamo's capture_scalar_outputs for this process (token-choice)
         self.model = distributed.wrap(model, config.run.strategy, self.env)
         self.module: MoRForCausalLM = distributed.unwrap(self.model)
         aux_params = list(self.module.aux_router_parameters())
