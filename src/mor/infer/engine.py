@@ -368,7 +368,7 @@ class Engine:
                 if row in running and self.scheduler.describes(running[row])]
         if done:
             self.runner.release(done)
-        eos = set(self.runner.eos.tolist()) if done else set()
+        eos = self.runner.eos_ids
         for row in done:
             request = self.scheduler.remove(row)
             del self._requests[request.index]

@@ -186,6 +186,7 @@ class Runner:
         self.floats = torch.zeros(n, 3, device=device)
         self.floats[:, TOP_P] = 1.0
         self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long, device=device)
+        self.eos_ids: frozenset[int] = frozenset()
         self.counters = torch.zeros(3, dtype=torch.long, device=device)
 
         # The status buffer: the token log of a window, then phases, counts and pool scalars.
@@ -220,21 +221,25 @@ class Runner:
             raise ValueError(f"at most {MAX_EOS} end-token ids, got {len(ids)}")
         self.eos.fill_(-1)
         self.eos[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+        self.eos_ids = frozenset(ids)  # the host's copy: reading the device's would wait for it
 
     @torch.no_grad()
     def prefill(self, rows: list[int], prompts: list[list[int]], max_recursions: int | None = None,
                 extra_recursions: int = 0) -> None:
         """Run each row's prompt (a request's tokens but its last) through the model's causal forward into the
-        row's streams: one left-padded batch, no head."""
+        row's streams: one left-padded batch, no head. Nothing here waits for the device: the scheduler has
+        made sure that the rows are empty and that the pool holds the prompts."""
         width = max(map(len, prompts))
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
-        cache = self.cache.prefill(rows)
-        self.model.model(ids.to(self.device), attention_mask=mask.to(self.device), routing="causal", cache=cache,
-                         max_recursions=max_recursions, extra_recursions=extra_recursions)
+        ragged = len(set(map(len, prompts))) > 1  # a mask only then: reading it back would wait for the device
+        cache = self.cache.prefill(rows, check=False)
+        self.model.model(ids.to(self.device), attention_mask=mask.to(self.device) if ragged else None,
+                         routing="causal", cache=cache, max_recursions=max_recursions,
+                         extra_recursions=extra_recursions)
         cache.commit()
 
     def enter(self, rows: list[int], tokens: list[int], positions: list[int], remaining: list[int],
