@@ -70,3 +70,21 @@ def test_quick_cpu_run_writes_every_model_and_the_baselines(tmp_path):
     assert shared["kv_block_ratio"] == pytest.approx(1 / 3)
     assert shared["batch"] == 12  # sharing: the block keeps 1/3 of its entries, so 4 sequences become 12
     assert 1 < shared["mean_depth"] < 3 and "calibrated" in shared["exits"]
+
+
+def test_the_prefill_benchmark_compares_both_paths_on_the_cpu(tmp_path):
+    path = REPO_ROOT / "benchmarks" / "prefill_host.py"
+    spec = importlib.util.spec_from_file_location("prefill_host", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))  # it imports decode_throughput
+    try:
+        spec.loader.exec_module(module)
+        records = module.main(["--device", "cpu", "--shape", "tiny", "--models", "vanilla,mor-3", "--prompts", "2",
+                               "--tokens", "16", "--ragged", "--repeats", "1", "--out", str(tmp_path)])
+    finally:
+        sys.path.remove(str(path.parent))
+    by = {(r["model"], r["path"]): r for r in records}
+    for model in ("vanilla", "mor-3"):
+        assert by[model, "prompt batch"]["operations"] < by[model, "per-layer"]["operations"]
+        assert by[model, "prompt batch"]["ms"] > 0 and by[model, "prompt batch"]["synchronisations"] is None
+    assert json.loads((tmp_path / "prefill_host.json").read_text())["results"] == records
