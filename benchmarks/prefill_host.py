@@ -2,8 +2,9 @@
 (``PagedRows``, what ``generate`` uses) on the same prompts.
 
 For each path: wall time per prefill (median of ``--repeats``, after a warm-up), the tensor operations it runs
-(each a kernel launch on a GPU) and, on a GPU, the host synchronisations (reads of device values), both counted
-with ``torch.profiler`` (on the CPU some kernels read scalars internally, so no synchronisations are reported). Random weights; MoR models get the decoding benchmark's calibrated exits.
+(each a kernel launch on a GPU) and, on a GPU, the times the host waits for the device (stream and device
+synchronisations, which reads of device values and blocking copies make), both counted with ``torch.profiler``.
+The cache is built before the timing. Random weights; MoR models get the decoding benchmark's calibrated exits.
 
     python benchmarks/prefill_host.py --device cpu --shape tiny --layers 34       # seconds
     python benchmarks/prefill_host.py --shape 360m --models vanilla,mor-4 --prompts 8 --tokens 128
@@ -24,7 +25,7 @@ from decode_throughput import MODELS, SHAPES, calibrate_exits
 from mor import MoRConfig, MoRForCausalLM
 from mor.infer.page_pool import PagedCache
 
-SYNC = "aten::_local_scalar_dense"
+SYNCS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"}  # the host waits
 VIEWS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::transpose", "aten::t",
          "aten::expand", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice", "aten::narrow",
          "aten::flatten", "aten::permute", "aten::_unsafe_view", "aten::alias", "aten::detach", "aten::lift_fresh",
@@ -34,36 +35,38 @@ VIEWS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_stride
          "aten::scaled_dot_product_attention", "aten::_has_compatible_shallow_copy_type", "aten::is_nonzero"}
 
 
-def prefill(model: MoRForCausalLM, ids: torch.Tensor, mask: torch.Tensor | None, path: str) -> None:
-    cache = PagedCache.for_model(model, ids.shape[0], ids.shape[1] + 1)
+def prefill(model: MoRForCausalLM, ids: torch.Tensor, mask: torch.Tensor | None, path: str,
+            cache: PagedCache) -> None:
     rows = list(range(ids.shape[0]))
     with torch.no_grad():
         if path == "per-layer":
             model.model(ids, attention_mask=mask, routing="causal", cache=cache.view(rows))
         else:
-            batch = cache.prefill(rows, check=False)
+            batch = cache.prefill(rows)
             model.model(ids, attention_mask=mask, routing="causal", cache=batch)
             batch.commit()
 
 
 def measure(model: MoRForCausalLM, ids: torch.Tensor, mask: torch.Tensor | None, path: str, repeats: int) -> dict:
     cuda = ids.device.type == "cuda"
-    prefill(model, ids, mask, path)  # warm-up
+    caches = [PagedCache.for_model(model, ids.shape[0], ids.shape[1] + 1) for _ in range(repeats + 2)]
+    prefill(model, ids, mask, path, caches.pop())  # warm-up
     times = []
     for _ in range(repeats):
+        cache = caches.pop()
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        prefill(model, ids, mask, path)
+        prefill(model, ids, mask, path, cache)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     with torch.profiler.profile() as prof:
-        prefill(model, ids, mask, path)
+        prefill(model, ids, mask, path, caches.pop())
     events = prof.key_averages()
     return dict(ms=1e3 * statistics.median(times),
                 operations=sum(e.count for e in events if e.key.startswith("aten::") and e.key not in VIEWS),
-                synchronisations=sum(e.count for e in events if e.key == SYNC) if cuda else None)
+                synchronisations=sum(e.count for e in events if e.key in SYNCS) if cuda else None)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -69,6 +69,26 @@ def test_short_page_pool_preempts_and_recomputes_without_changing_tokens():
         Engine(model, max_batch_slots=2, max_seq_len=24, page_size=2, num_pages=31).generate(prompts((7,)), 12)
 
 
+def test_pages_freed_since_the_last_status_are_counted_before_new_prompts_are_admitted():
+    """After a request finishes, the pool is read back before admitting more (not between two admissions, which
+    would count the first ones as empty before their prefill): a pool just large enough never runs short."""
+    model = make_decisive("vanilla")
+    engine = Engine(model, max_batch_slots=4, max_seq_len=32, page_size=2, num_pages=90, window=4)
+    engine.prepare([], ("greedy",))
+    engine.add(tokens(1, 10, seed=1)[0].tolist(), 4)
+    while engine.busy:
+        engine.step()
+    later = [tokens(1, 9, seed=2)[0].tolist(), tokens(1, 31, seed=3)[0].tolist()]
+    ids = [engine.add(prompt, 1) for prompt in later]
+    outputs = {}
+    while engine.busy:
+        for out in engine.step():
+            outputs.setdefault(out.request, []).extend(out.tokens)
+    for i, prompt in zip(ids, later):
+        assert outputs[i] == model.generate(torch.tensor([prompt]), max_new_tokens=1).sequences()[0]
+    assert engine.cache.pages_in_use() == 0
+
+
 def test_a_request_that_can_never_fit_is_refused_before_anything_runs():
     # Vanilla writes every stream: 5 streams x ceil((9 + 20) / 4) pages = 40 > 15. The short request that
     # would finish first must not be computed and lost.

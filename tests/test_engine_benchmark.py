@@ -86,5 +86,5 @@ def test_the_prefill_benchmark_compares_both_paths_on_the_cpu(tmp_path):
     by = {(r["model"], r["path"]): r for r in records}
     for model in ("vanilla", "mor-3"):
         assert by[model, "prompt batch"]["operations"] < by[model, "per-layer"]["operations"]
-        assert by[model, "prompt batch"]["ms"] > 0 and by[model, "prompt batch"]["synchronisations"] is None
+        assert by[model, "prompt batch"]["ms"] > 0
     assert json.loads((tmp_path / "prefill_host.json").read_text())["results"] == records

@@ -314,10 +314,11 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
     def _admit(self) -> None:
-        admitted = self.scheduler.admit()
         if self.scheduler.waiting and self.scheduler.free_rows and self.scheduler.stale and self._in_flight is None:
-            self._refresh()  # released rows freed pages that no status has counted yet
-            admitted += self.scheduler.admit()
+            # Released rows freed pages that no status has counted yet. Read the pool before admitting: a read
+            # after an admission would count the admitted rows as empty before their prefill.
+            self._refresh()
+        admitted = self.scheduler.admit()
         if not admitted:
             return
         modes = {self.mode_of(r.params) for r in self.scheduler.running.values()}

@@ -154,11 +154,9 @@ class PagedCache:
         """The rows as the rows of a batch, for ``model(..., cache=view)``."""
         return PagedRows(self, list(rows))
 
-    def prefill(self, rows: Sequence[int], check: bool = True) -> PagedPrefill:
-        """Empty rows as the rows of a prompt batch, for ``model(..., cache=prefill)`` then ``prefill.commit()``.
-        ``check=False`` skips the checks that read the device (the rows are empty, the pool holds the prompts)
-        for a caller that guarantees both, as the engine's scheduler does."""
-        return PagedPrefill(self, list(rows), check)
+    def prefill(self, rows: Sequence[int]) -> PagedPrefill:
+        """Empty rows as the rows of a prompt batch, for ``model(..., cache=prefill)`` then ``prefill.commit()``."""
+        return PagedPrefill(self, list(rows))
 
     def release(self, row: int) -> None:
         self.pool.release(torch.tensor([row], device=self.pool.counts.device))
@@ -229,15 +227,15 @@ class PagedPrefill:
     """Empty rows of a :class:`PagedCache` filled by one forward over their prompts (the model's ``KVCache``
     protocol). With nothing cached before, attention stays within the prompt batch: each position's keys/values
     are kept as the forward makes them and :meth:`commit` writes them all to the pages at the end, with one
-    allocation and one scatter, where :class:`PagedRows` allocates, writes, gathers and synchronises with the host
-    at every layer."""
+    allocation and one scatter (two reads of device values a batch: the rows are empty, the pool holds them),
+    where :class:`PagedRows` allocates, writes, gathers and reads the free pages back at every layer."""
 
-    def __init__(self, cache: PagedCache, rows: list[int], check: bool = True) -> None:
+    def __init__(self, cache: PagedCache, rows: list[int]) -> None:
         if len(set(rows)) != len(rows):
             raise ValueError(f"a prefill needs distinct rows, got {rows}")
-        self.cache, self.check = cache, check
+        self.cache = cache
         self.rows = torch.tensor(rows, dtype=torch.long, device=cache.pool.counts.device)
-        if check and bool(cache.pool.held[:, self.rows].any()):
+        if bool(cache.pool.held[:, self.rows].any()):
             raise ValueError(f"a prefill fills empty rows; release rows {rows} first")
         self.kept: dict[int, tuple[Tensor, Tensor, TokenLayout]] = {}  # position -> keys, values, their tokens
         self.lengths: Tensor | None = None
@@ -274,9 +272,8 @@ class PagedPrefill:
         return self._masks[id(layout)][1]
 
     def commit(self) -> None:
-        """Write every kept key/value to its stream's pages and count the rows' tokens. When checking, raises
-        MemoryError before taking any page if the pool is short (a host synchronisation); unchecked, a short pool
-        sets its ``overflow`` flag instead."""
+        """Write every kept key/value to its stream's pages and count the rows' tokens; raises MemoryError before
+        taking any page when the pool is short."""
         pool, pages = self.cache.pool, self.cache.pages
         if self.kept:
             batch = self.rows.shape[0]
@@ -288,7 +285,7 @@ class PagedPrefill:
             pair_streams = streams[:, None].expand(-1, batch).flatten()
             pair_rows = self.rows[None].expand(len(streams), -1).flatten()
             width = max(v.shape[1] for v in valid)
-            pool.grow(pair_streams, pair_rows, added.flatten(), math.ceil(width / pool.page_size), check=self.check)
+            pool.grow(pair_streams, pair_rows, added.flatten(), math.ceil(width / pool.page_size), check=True)
             where, offsets, keys, values, positions = [], [], [], [], []
             for s, ok, (k, v, layout) in zip(streams, valid, self.kept.values()):
                 index = ok.long().cumsum(1) - 1  # entry index of each token in its (empty) stream

@@ -221,22 +221,21 @@ class Runner:
             raise ValueError(f"at most {MAX_EOS} end-token ids, got {len(ids)}")
         self.eos.fill_(-1)
         self.eos[: len(ids)] = torch.tensor(ids, dtype=torch.long)
-        self.eos_ids = frozenset(ids)  # the host's copy: reading the device's would wait for it
+        self.eos_ids = frozenset(int(i) for i in ids)  # the host's copy: reading the device's would wait for it
 
     @torch.no_grad()
     def prefill(self, rows: list[int], prompts: list[list[int]], max_recursions: int | None = None,
                 extra_recursions: int = 0) -> None:
         """Run each row's prompt (a request's tokens but its last) through the model's causal forward into the
-        row's streams: one left-padded batch, no head. Nothing here waits for the device: the scheduler has
-        made sure that the rows are empty and that the pool holds the prompts."""
+        row's streams: one left-padded batch, no head."""
         width = max(map(len, prompts))
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
-        ragged = len(set(map(len, prompts))) > 1  # a mask only then: reading it back would wait for the device
-        cache = self.cache.prefill(rows, check=False)
+        ragged = len(set(map(len, prompts))) > 1  # a mask only then (the model reads a mask back to check it)
+        cache = self.cache.prefill(rows)
         self.model.model(ids.to(self.device), attention_mask=mask.to(self.device) if ragged else None,
                          routing="causal", cache=cache, max_recursions=max_recursions,
                          extra_recursions=extra_recursions)
