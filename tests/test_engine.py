@@ -89,6 +89,26 @@ def test_pages_freed_since_the_last_status_are_counted_before_new_prompts_are_ad
     assert engine.cache.pages_in_use() == 0
 
 
+def test_after_a_failure_cancelling_everything_gives_a_working_engine_again():
+    """A broken page budget (here forced: the pool's overflow flag) stops the run with a clear error; dropping
+    every request then starts again from a free pool, and the engine serves as before."""
+    model = make_decisive("expert")
+    engine = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4, window=2)
+    engine.prepare([], ("greedy",))
+    for prompt, count in zip(prompts(), NEW_TOKENS):
+        engine.add(prompt, count)
+    engine.step()
+    engine.cache.pool.overflow.fill_(True)
+    with pytest.raises(RuntimeError, match="page budget"):
+        while engine.busy:
+            engine.step()
+    engine.cancel_all()
+    assert not engine.busy and engine.cache.pages_in_use() == 0
+    out = engine.generate(prompts(), NEW_TOKENS)
+    assert_matches_generate(model, out, prompts(), NEW_TOKENS)
+    assert engine.cache.pages_in_use() == 0
+
+
 def test_a_request_that_can_never_fit_is_refused_before_anything_runs():
     # Vanilla writes every stream: 5 streams x ceil((9 + 20) / 4) pages = 40 > 15. The short request that
     # would finish first must not be computed and lost.

@@ -273,19 +273,18 @@ class Engine:
         return False
 
     def cancel_all(self) -> None:
-        """Drop every request, in flight or waiting, and free their rows and pages."""
+        """Drop every request, in flight or waiting, and start again from a free pool (whatever state a failure
+        left the rows and pages in)."""
         if self._in_flight is not None:
-            status = self.runner.collect(self._in_flight)
-            self.scheduler.report(status.counts, status.free_pages)
+            self.runner.wait(self._in_flight)
             self._in_flight = None
-        rows = list(self.scheduler.running)
-        if rows:
-            self.runner.release(rows)
-            for row in rows:
-                self._requests.pop(self.scheduler.remove(row).index, None)
+        for row in list(self.scheduler.running):
+            self._requests.pop(self.scheduler.remove(row).index, None)
         for request in self.scheduler.waiting:
             self._requests.pop(request.index, None)
         self.scheduler.waiting.clear()
+        self.runner.reset()
+        self.scheduler.reset()
 
     @property
     def busy(self) -> bool:

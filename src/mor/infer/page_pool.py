@@ -114,6 +114,16 @@ class PagePool:
         self.held[:, rows] = 0
         self.lengths[rows] = 0
 
+    def reset(self) -> None:
+        """Every page free and every pair empty (the overflow flag cleared)."""
+        self.tables.fill_(self.trash)
+        self.counts.zero_()
+        self.held.zero_()
+        self.lengths.zero_()
+        self.free.copy_(torch.arange(self.num_pages + 1, device=self.free.device))
+        self.top.fill_(self.num_pages)
+        self.overflow.zero_()
+
     def reset_accounting(self) -> None:
         self.peak.copy_(self.num_pages - self.top)
         self.appended.zero_()

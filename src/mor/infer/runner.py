@@ -289,13 +289,23 @@ class Runner:
         done.record()
         return Window(size, host, done)
 
-    def collect(self, window: Window) -> WindowStatus:
-        """Wait for a window and read its status."""
+    def wait(self, window: Window) -> np.ndarray:
+        """Wait for a window; its raw status."""
         if window.done is not None:
             window.done.synchronize()
         status = window.host.numpy().copy()
         if window.done is not None:
             self._pinned.append(window.host)
+        return status
+
+    def reset(self) -> None:
+        """Every row free and every page back in the pool, whatever state a failure left them in."""
+        self.pool.reset()
+        self.ints[:, PHASE] = FREE
+
+    def collect(self, window: Window) -> WindowStatus:
+        """Wait for a window and read its status."""
+        status = self.wait(window)
         rows, streams, t = self.rows, self.pool.num_streams, self.tail_slots
         kmax = self.window_sizes[-1]
         log = status[: kmax * 3 * t].reshape(kmax, 3, t)[: window.size]

@@ -55,7 +55,7 @@ class Scheduler:
 
     def __init__(self, rows: int, num_streams: int, page_size: int, num_pages: int,
                  window_sizes: tuple[int, ...]) -> None:
-        self.num_streams, self.page_size = num_streams, page_size
+        self.num_streams, self.page_size, self.num_pages = num_streams, page_size, num_pages
         self.window_sizes = tuple(sorted(window_sizes))
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}
@@ -133,6 +133,12 @@ class Scheduler:
         assert not self.in_flight
         self._update(counts, free_pages, self.epoch)
         self.epoch += 1
+
+    def reset(self) -> None:
+        """Nothing in flight and an empty pool (after the engine dropped every request and reset the pool)."""
+        assert not self.running and not self.waiting
+        self.in_flight.clear()
+        self.refresh(np.zeros_like(self.counts), self.num_pages)
 
     def _update(self, counts: np.ndarray, free_pages: int, epoch: int) -> None:
         self.counts, self.free_pages = counts, free_pages
