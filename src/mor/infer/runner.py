@@ -26,6 +26,7 @@ back in one copy. With CUDA graphs, each window size is one captured graph: a wi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,14 +204,13 @@ class Runner:
         self.prelude_streams = torch.tensor([stream[p] for p in inner.plan.prelude], dtype=torch.long, device=device)
         self.coda_streams = torch.tensor([stream[p] for p in inner.plan.coda], dtype=torch.long, device=device)
 
-        # What runs between the layers is four compiled functions (each a few fused kernels); the layers share one
-        # compiled function.
+        # An iteration is two compiled functions around the block layers, which share one: the start (room in the
+        # pool, the block's inputs) and the tail (routing, the unique last and first layers, the head, sampling and
+        # entry: one graph, so the state it updates is written back once).
         compiled = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if compile else (lambda fn: fn)
         self._layer = compiled(decode_layer)
         self._start = compiled(self._start_eager)
-        self._route = compiled(self._route_eager)
-        self._sample = compiled(self._sample_eager)
-        self._enter = compiled(self._enter_eager)
+        self._tail = compiled(self._tail_eager)
         self._graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self._pinned: list[Tensor] = []
@@ -361,13 +361,8 @@ class Runner:
     def _iteration(self, mode: str) -> Tensor:
         """One iteration: the block stage, then the tail stage; returns its log record (rows, tokens, depths)."""
         rows, real, h, cos, sin, step, write_stream, writes, write_at, read_at, pending = self._start()
-        out = self._run_layers(h, self.block, cos, sin, write_at, writes, read_at, pending)
-        rows, real, exiting, h, cos, sin, at = self._route(rows, real, step, h, out, write_stream, writes)
-        h = self._run_unique(h, self.coda, cos, sin, at, exiting)
-        x, cos, sin, at, position, entering, finished, record = self._sample(rows, real, exiting, h, at, mode)
-        h = self._run_unique(x, self.prelude, cos, sin, at, entering)
-        self._enter(rows, real, entering, finished, h, position, at)
-        return record
+        out = self._run_layers(h, self.block, cos, sin, write_at, writes, read_at, pending, self._layer)
+        return self._tail(rows, real, step, h, out, write_stream, writes, mode)
 
     def _rows(self, candidates: Tensor, slots: int) -> tuple[Tensor, Tensor]:
         """Rows for a stage of ``slots`` slots: every row when there are as many slots, else the oldest
@@ -380,16 +375,18 @@ class Runner:
         return torch.where(real, best, self.idle), real
 
     def _run_layers(self, x: Tensor, weights: list[tuple[Tensor, ...]], cos: Tensor, sin: Tensor, write_at: Tensor,
-                    writes: Tensor, read_at: Tensor, extra: Tensor) -> Tensor:
+                    writes: Tensor, read_at: Tensor, extra: Tensor,
+                    layer: Callable[..., Tensor] = decode_layer) -> Tensor:
         pool, pages = self.pool, self.pages
         for j, w in enumerate(weights):
-            x = self._layer(x, w, cos, sin, pages.keys, pages.values, pool.flat_tables, pool.flat_counts,
-                            write_at[:, j], writes[:, j], read_at[:, j], extra[:, j], **self.layer_args)
+            x = layer(x, w, cos, sin, pages.keys, pages.values, pool.flat_tables, pool.flat_counts,
+                      write_at[:, j], writes[:, j], read_at[:, j], extra[:, j], **self.layer_args)
         return x
 
     def _run_unique(self, x: Tensor, weights: list[tuple[Tensor, ...]], cos: Tensor, sin: Tensor, at: Tensor,
                     writes: Tensor) -> Tensor:
-        """The prelude or coda positions; each writes its own stream and reads it, this entry included."""
+        """The prelude or coda positions, inside the tail; each writes its own stream and reads it, this entry
+        included."""
         mask = writes[:, None].expand_as(at)
         return self._run_layers(x, weights, cos, sin, at, mask, at, mask)
 
@@ -397,7 +394,7 @@ class Runner:
         """Count a stage's writes (``at`` [n, J] flat pair indices where ``writes``) in one scatter."""
         self.pool.flat_counts.scatter_add_(0, at.flatten(), writes.flatten().long())
 
-    # The four compiled pieces between the layers.
+    # The two compiled pieces around the block layers: the start, and the tail made of the four stages below.
     def _start_eager(self) -> tuple[Tensor, ...]:
         """Room in every active row's streams; the block stage's rows and their inputs."""
         phase = self.ints[:, PHASE]
@@ -416,7 +413,18 @@ class Runner:
         self.counters[BLOCK_TOKENS] += real.sum()
         return rows, real, h, cos, sin, step, write_stream, writes, write_at, read_at, pending
 
-    def _route_eager(self, rows: Tensor, real: Tensor, step: Tensor, h: Tensor, out: Tensor, write_stream: Tensor,
+    def _tail_eager(self, rows: Tensor, real: Tensor, step: Tensor, h: Tensor, out: Tensor, write_stream: Tensor,
+                    writes: Tensor, mode: str) -> Tensor:
+        """Routing, the unique last layers, the head and sampling, then the unique first layers and entry; the
+        iteration's log record."""
+        rows, real, exiting, h, cos, sin, at = self._route(rows, real, step, h, out, write_stream, writes)
+        h = self._run_unique(h, self.coda, cos, sin, at, exiting)
+        x, cos, sin, at, position, entering, finished, record = self._sample(rows, real, exiting, h, at, mode)
+        h = self._run_unique(x, self.prelude, cos, sin, at, entering)
+        self._enter(rows, real, entering, finished, h, position, at)
+        return record
+
+    def _route(self, rows: Tensor, real: Tensor, step: Tensor, h: Tensor, out: Tensor, write_stream: Tensor,
                      writes: Tensor) -> tuple[Tensor, ...]:
         """After a block step: count its entries, then each token's new hidden state and decision (next depth or
         exit) by the rules of :mod:`mor.model.routing`; the tail stage's rows and their inputs."""
@@ -455,7 +463,7 @@ class Runner:
         at = self.pool.pair_index(self.coda_streams[None, :], rows[:, None])
         return rows, real, exiting, self.hidden[rows], cos, sin, at
 
-    def _sample_eager(self, rows: Tensor, real: Tensor, exiting: Tensor, h: Tensor, coda_at: Tensor,
+    def _sample(self, rows: Tensor, real: Tensor, exiting: Tensor, h: Tensor, coda_at: Tensor,
                       mode: str) -> tuple[Tensor, ...]:
         """Count the coda's entries; sample the tokens and decide which requests are done; the embedded tokens to
         enter, with their rotary angles and prelude pairs, and the log record (rows, tokens, depths)."""
@@ -478,7 +486,7 @@ class Runner:
         at = self.pool.pair_index(self.prelude_streams[None, :], rows[:, None])
         return x, cos, sin, at, position, real & ~finished, finished, record
 
-    def _enter_eager(self, rows: Tensor, real: Tensor, entering: Tensor, finished: Tensor, h: Tensor,
+    def _enter(self, rows: Tensor, real: Tensor, entering: Tensor, finished: Tensor, h: Tensor,
                      position: Tensor, prelude_at: Tensor) -> None:
         """Count the prelude's entries; the first routing decision of each entered token (depth 0 exits at
         once) and its new state."""
