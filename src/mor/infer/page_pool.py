@@ -88,6 +88,12 @@ class PagePool:
         self.top -= total
         self.peak.copy_(torch.maximum(self.peak, self.num_pages - self.top))
 
+    def slots(self, stream: int | Tensor, rows: Tensor, index: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Page and offset in it of entry ``index`` [B, T] of each of ``rows`` in ``stream``; the trash page
+        where not ``valid``."""
+        page = self.tables[stream, rows[:, None].expand_as(index), (index // self.page_size).clamp(0, self.max_pages)]
+        return torch.where(valid, page, self.trash), index % self.page_size
+
     def ensure_room(self, active: Tensor) -> None:
         """Give every stream of every ``active`` row [num_rows + 1] room for one more entry: the engine calls this
         once per decoding step, in which a row appends at most one entry to each stream."""
@@ -214,10 +220,8 @@ class PagedRows:
             added = valid.sum(1)
             pool.grow(streams, self.rows, added, math.ceil(length / pool.page_size) + 1, check=True)
             index = pool.counts[s, self.rows][:, None] + valid.long().cumsum(1) - 1  # [B, T] entry index
-            column = (index // pool.page_size).clamp(0, pool.max_pages)
-            page = pool.tables[s, self.rows[:, None].expand_as(index), column]
-            page = torch.where(valid, page, pages.trash)
-            pages.write(page.flatten(), (index % pool.page_size).flatten(), k.transpose(1, 2).flatten(0, 1),
+            page, offset = pool.slots(s, self.rows, index, valid)
+            pages.write(page.flatten(), offset.flatten(), k.transpose(1, 2).flatten(0, 1),
                         v.transpose(1, 2).flatten(0, 1), layout.positions.flatten())
             pool.count(streams, self.rows, added)
             (k, v), cached = self.read(position)
@@ -298,10 +302,9 @@ class PagedPrefill:
             pool.grow(pair_streams, pair_rows, added.flatten(), math.ceil(width / pool.page_size), check=True)
             where, offsets, keys, values, positions = [], [], [], [], []
             for s, ok, (k, v, layout) in zip(streams, valid, self.kept.values()):
-                index = ok.long().cumsum(1) - 1  # entry index of each token in its (empty) stream
-                page = pool.tables[s, self.rows[:, None].expand_as(index), (index // pool.page_size).clamp(min=0)]
-                where.append(torch.where(ok, page, pages.trash).flatten())
-                offsets.append((index % pool.page_size).flatten())
+                page, offset = pool.slots(s, self.rows, ok.long().cumsum(1) - 1, ok)  # the streams start empty
+                where.append(page.flatten())
+                offsets.append(offset.flatten())
                 keys.append(k.transpose(1, 2).flatten(0, 1))
                 values.append(v.transpose(1, 2).flatten(0, 1))
                 positions.append(layout.positions.flatten())
