@@ -3,6 +3,7 @@ depends on nothing but its seed and counter."""
 
 import torch
 
+from mor.infer import sampling
 from mor.infer.sampling import argmax_rows, gumbel_of_bits, sample_rows
 
 V, N = 7, 40_000
@@ -66,13 +67,16 @@ def test_the_noise_is_finite_at_the_extremes_of_its_bits():
     assert noise.isfinite().all() and (noise.diff() > 0).all()
 
 
-def test_a_wide_vocabulary_never_draws_a_token_far_below_the_top():
-    """With logits 60 apart, the top token is the only possible draw, with or without top_k=1."""
-    rows, vocab = 256, 65_536
+def test_the_largest_noise_a_draw_can_meet_does_not_pick_a_far_lower_token():
+    """Seed 0, counter 9462: entry 1737 of the row hashes to the largest 24-bit value. A uniform number made of
+    24 bits would round to 1 there and the noise to infinity, picking token 1737 over one 60 logits higher,
+    whether or not top_k=1 filters it out; with 23 bits the noise stays finite."""
+    vocab, counter, entry = 4096, 9462, 1737
+    key = sampling._row_keys(torch.zeros(1, dtype=torch.long), torch.tensor([counter]))
+    assert int(sampling._hash32(sampling._hash32(key ^ entry) ^ key)) >> 8 == 2**24 - 1  # the case is still hit
     logits = torch.full((1, vocab), -30.0)
     logits[0, 0] = 30.0
-    index = torch.arange(rows)
-    args = (logits.expand(rows, vocab), torch.ones(rows), torch.ones(rows, dtype=torch.long), torch.ones(rows),
-            index % 61, index // 61)
-    assert (sample_rows(*args, "sample") == 0).all()
-    assert (sample_rows(*args, "filter") == 0).all()
+    args = (logits, torch.ones(1), torch.ones(1, dtype=torch.long), torch.ones(1), torch.zeros(1, dtype=torch.long),
+            torch.tensor([counter]))
+    assert sample_rows(*args, "sample").item() == 0
+    assert sample_rows(*args, "filter").item() == 0
