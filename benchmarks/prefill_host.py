@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -69,6 +71,13 @@ def measure(model: MoRForCausalLM, ids: torch.Tensor, mask: torch.Tensor | None,
                 synchronisations=sum(e.count for e in events if e.key in SYNCS) if cuda else None)
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -108,8 +117,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{'-' if syncs is None else syncs:>6}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                shape=args.shape, prompts=args.prompts, tokens=args.tokens, ragged=args.ragged)
+    meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(), torch=torch.__version__,
+                threads=torch.get_num_threads(), shape=args.shape, prompts=args.prompts, tokens=args.tokens,
+                ragged=args.ragged, command="prefill_host.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     (out / "prefill_host.json").write_text(json.dumps({"meta": meta, "results": records}, indent=1))
     return records
 

@@ -13,6 +13,7 @@ Builds the model as ``decode_throughput.py`` does (calibrated routers for MoR), 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import defaultdict
 
@@ -72,6 +73,8 @@ def main() -> None:
     with GpuBusy(engine) as busy:
         out = engine.generate(prompts, lengths, do_sample=True, seed=0)
     s = out.stats
+    print(f"{torch.cuda.get_device_name()}, PyTorch {torch.__version__}, command: profile_engine.py "
+          f"{' '.join(sys.argv[1:])}")
     print(f"{args.shape} {args.model} B={args.batch} compile={engine.compiled} graphs={graphs} "
           f"kernel={engine.runner.kernel} tail slots={engine.runner.tail_slots} ({source})")
     print(f"{s.tokens} tokens in {s.seconds:.2f} s: {s.tokens_per_second:,.0f} tok/s, {s.iterations} iterations "
