@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -144,7 +145,8 @@ def main() -> None:
             config = base if name == "hf-llama" else MoRConfig.from_preset(shape, **model_overrides(name))
             record = {"shape": shape, "model": name, "batch_size": args.batch_size, "seq_len": args.seq_len,
                       "effective_layers": config.num_effective_layers, "device": torch.cuda.get_device_name(),
-                      "torch": torch.__version__, "compiled": not args.no_compile,
+                      "torch": torch.__version__, "command": "train_step.py " + " ".join(sys.argv[1:]),
+                      "compiled": not args.no_compile,
                       "chunked_loss": args.chunked_loss and name != "hf-llama",
                       "regional": args.regional and name != "hf-llama"}
             try:

@@ -80,8 +80,10 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
 
 def test_compile_defaults_to_what_helps_on_the_device():
     run = RunConfig()
-    assert run.compile == "auto" and not run.compiles("cpu") and run.compiles("cuda")
-    assert RunConfig(compile=True).compiles("cpu") and not RunConfig(compile=False).compiles("cuda")
+    assert run.compile == "auto" and run.compile_mode("cpu") is None and run.compile_mode("cuda") == "regional"
+    assert RunConfig(compile=True).compile_mode("cpu") == "whole"
+    assert RunConfig(compile=False).compile_mode("cuda") is None
+    assert RunConfig(compile="regional").compile_mode("cpu") == "regional" and run.chunked_loss
     # No shipped config forces it, so a CPU try of any of them starts at once instead of compiling for minutes.
     for path in CONFIGS.rglob("*.yaml"):
         assert "compile" not in (yaml.safe_load(path.read_text()).get("run") or {}), path

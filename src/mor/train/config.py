@@ -83,18 +83,21 @@ class RunConfig:
     eval_batches: int = 20
     save_every: int = 1000  # 0: save only at the end
     keep_last: int = 3
-    compile: bool | str = "auto"  # auto: on for CUDA, where it speeds training up; off on CPU, where it does not;
-    # regional: each layer and the loss on their own (MoRForCausalLM.compile_regions), a fraction of the compile time
-    chunked_loss: bool = False  # the head and loss a chunk of tokens at a time, never holding the full logits
+    # auto: regional on CUDA (a fraction of the compile time, same speed), off on CPU (compiling does not pay back);
+    # regional: each layer and the loss on their own (MoRForCausalLM.compile_regions); true: the whole model
+    compile: bool | str = "auto"
+    chunked_loss: bool = True  # the head and loss a chunk of tokens at a time, never holding the full logits
     dtype: str = "auto"  # auto: bfloat16 autocast on GPU, float32 on CPU
     device: str = "auto"
     strategy: str = "none"  # none | ddp | fsdp (the latter two under torchrun)
     tensorboard: bool = False
     progress: bool = True
 
-    def compiles(self, device_type: str) -> bool:
-        """Whether to ``torch.compile`` the model on a device of this type."""
-        return self.compile if isinstance(self.compile, bool) else self.compile == "regional" or device_type == "cuda"
+    def compile_mode(self, device_type: str) -> str | None:
+        """How to ``torch.compile`` the model on a device of this type: "regional", "whole" or not at all."""
+        if self.compile == "auto":
+            return "regional" if device_type == "cuda" else None
+        return "regional" if self.compile == "regional" else "whole" if self.compile else None
 
 
 @dataclass

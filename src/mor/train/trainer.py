@@ -80,9 +80,10 @@ class Trainer:
         if init_from is not None and resume_from is None:
             _load_initial_weights(model, init_from)
         model.to(self.env.device)
-        if config.run.compile == "regional":
+        compile_mode = config.run.compile_mode(self.env.device.type)
+        if compile_mode == "regional":
             model.compile_regions()
-        elif config.run.compiles(self.env.device.type):
+        elif compile_mode == "whole":
             model.compile()  # also turns on Dynamo's capture_scalar_outputs for this process (token-choice)
         self.model = distributed.wrap(model, config.run.strategy, self.env)
         self.module: MoRForCausalLM = distributed.unwrap(self.model)
