@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--mean-tokens", type=float, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=0,
                         help="random prompt tokens per request (default 0: each starts from one token)")
+    parser.add_argument("--loop-prompt-tokens", type=int, default=256,
+                        help="prompts of up to N tokens go through the decoding loop, longer ones are prefilled")
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--tail-slots", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true")
@@ -49,7 +51,7 @@ def main() -> None:
     graphs = not args.no_cuda_graphs
     engine = Engine(model, max_batch_slots=args.batch, max_seq_len=1 + args.prompt_tokens + max(lengths), cuda_graphs=graphs,
                     compile=graphs and not args.no_compile, kernel=not args.no_kernel, window=args.window,
-                    tail_slots=args.tail_slots)
+                    tail_slots=args.tail_slots, loop_prompt_tokens=args.loop_prompt_tokens)
     generator = torch.Generator().manual_seed(0)
     prompts = [[model.config.bos_token_id or 0] + torch.randint(
         0, model.config.vocab_size, (args.prompt_tokens,), generator=generator).tolist() for _ in lengths]

@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--corpus", type=Path, help="documents as `mor data prepare` reads them: JSON Lines with a "
                                                     "text field (.gz/.xz/.zst), text or Parquet (default: see above)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: see above)")
+    parser.add_argument("--loop-prompt-tokens", type=int, default=256,
+                        help="prompts of up to N tokens go through the decoding loop, longer ones are prefilled "
+                             "(default 256, as mor serve; 0: prefill every prompt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a small subset")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench-out", help="directory for the JSON")
@@ -143,7 +146,8 @@ def run_server(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.tokenizer)
     model = build(args.serve, args, tokenizer.vocab_size).to(dtype_of(args))
     options = ServeOptions(max_batch=args.batch, max_queue=max(args.requests, args.clients),
-                           max_seq_len=args.max_prompt + args.max_output, cuda_graphs=args.device.startswith("cuda"))
+                           max_seq_len=args.max_prompt + args.max_output, cuda_graphs=args.device.startswith("cuda"),
+                           loop_prompt_tokens=args.loop_prompt_tokens)
     serve(model, tokenizer, args.serve, listen("127.0.0.1", 0), options)
 
 
@@ -156,7 +160,8 @@ class Server:
             command = [sys.executable, "-m", "mor.cli", "serve", checkpoints[name], "--port", "0", "--tokenizer",
                        str(args.tokenizer), "--max-batch", str(args.batch), "--max-queue",
                        str(max(args.requests, args.clients)), "--max-seq-len", str(args.max_prompt + args.max_output),
-                       "--served-model-name", name, "--device", args.device]
+                       "--served-model-name", name, "--device", args.device, "--loop-prompt-tokens",
+                       str(args.loop_prompt_tokens)]
         else:
             command = [sys.executable, __file__, *argv, "--serve", name]
         self.log = log
@@ -258,7 +263,7 @@ def server_ttft(url: str) -> tuple[float, float]:
 def offline(model: MoRForCausalLM, requests: list[tuple[list[int], int]], args: argparse.Namespace) -> dict:
     """The engine alone on the whole workload, with the server's settings."""
     engine = Engine(model, max_batch_slots=args.batch, max_seq_len=args.max_prompt + args.max_output,
-                    cuda_graphs=args.device.startswith("cuda"))
+                    cuda_graphs=args.device.startswith("cuda"), loop_prompt_tokens=args.loop_prompt_tokens)
     prompts, lengths = [p for p, _ in requests], [n for _, n in requests]
     engine.generate(prompts[: args.batch], lengths[: args.batch], do_sample=True, seed=args.seed)  # warm-up
     stats = engine.generate(prompts, lengths, do_sample=True, seed=args.seed).stats

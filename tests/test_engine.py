@@ -22,9 +22,12 @@ def assert_matches_generate(model, out, prompt_list, new_tokens, **kwargs):
 @pytest.mark.parametrize("variant", ["vanilla", "recursive_cycle", "recursive_sequence_share",
                                      "recursive_middle_cycle_share", "expert", "expert_share", "expert_aux_router",
                                      "expert_cycle_mlp", "token", "token_share"])
-def test_engine_generates_what_generate_does_token_for_token(variant):
+@pytest.mark.parametrize("loop", [0, 4, 64], ids=["prefilled", "mixed", "looped"])
+def test_engine_generates_what_generate_does_token_for_token(variant, loop):
+    # loop: prompts of up to this many tokens go through the decoding loop, longer ones are prefilled
     model = make_decisive(variant)
-    out = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4).generate(prompts(), NEW_TOKENS)
+    engine = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4, loop_prompt_tokens=loop)
+    out = engine.generate(prompts(), NEW_TOKENS)
     assert_matches_generate(model, out, prompts(), NEW_TOKENS)
     assert [len(r.tokens) for r in out.results] == NEW_TOKENS
     if "expert" in variant or "token" in variant:
@@ -47,7 +50,7 @@ def test_cuda_graphs_and_the_paged_kernel_generate_what_generate_does_on_the_gpu
     torch.compiler.reset()  # every variant compiles afresh, within dynamo's recompilation limit
     model = make_decisive(variant).cuda()
     engine = Engine(model, max_batch_slots=3, max_requests=4, tail_slots=3, max_seq_len=32, page_size=4,
-                    cuda_graphs=True, window=4)
+                    cuda_graphs=True, window=4, loop_prompt_tokens=4)  # prompts of 5 and 7 tokens are prefilled
     assert engine.runner.kernel and engine.compiled
     for _ in range(2):  # replaying the captured graphs a second time must not depend on the first run
         out = engine.generate(prompts(), NEW_TOKENS)
@@ -57,10 +60,11 @@ def test_cuda_graphs_and_the_paged_kernel_generate_what_generate_does_on_the_gpu
     assert [r.tokens for r in sampled[0].results] == [r.tokens for r in sampled[1].results]
 
 
-def test_short_page_pool_preempts_and_recomputes_without_changing_tokens():
+@pytest.mark.parametrize("loop", [0, 64], ids=["prefilled", "looped"])
+def test_short_page_pool_preempts_and_recomputes_without_changing_tokens(loop):
     model = make_decisive("expert")
     lengths, new_tokens = (1, 5, 3, 7, 2, 4), [12, 9, 14, 7, 10, 11]
-    engine = Engine(model, max_batch_slots=4, max_seq_len=24, page_size=2, num_pages=40)
+    engine = Engine(model, max_batch_slots=4, max_seq_len=24, page_size=2, num_pages=40, loop_prompt_tokens=loop)
     out = engine.generate(prompts(lengths), new_tokens)
     assert out.stats.preemptions > 0
     assert_matches_generate(model, out, prompts(lengths), new_tokens)
@@ -191,6 +195,8 @@ def test_engine_rejects_bad_requests_clearly():
     assert engine.generate([[1], [2]], [0, 3]).results[0].tokens == []
     with pytest.raises(ValueError, match="CUDA"):
         Engine(make_decisive("vanilla"), cuda_graphs=True)
+    with pytest.raises(ValueError, match="loop_prompt_tokens must be at least 0, got -1"):
+        Engine(make_decisive("vanilla"), loop_prompt_tokens=-1)
 
 
 def test_a_requests_samples_depend_only_on_its_seed_not_on_its_batch_window_or_preemption():
@@ -200,9 +206,11 @@ def test_a_requests_samples_depend_only_on_its_seed_not_on_its_batch_window_or_p
     crowded = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4, window=1).generate(prompts(), 9, **kwargs)
     tight = Engine(model, max_batch_slots=4, max_seq_len=24, page_size=2, num_pages=40)
     squeezed = tight.generate(prompts(), 9, **kwargs)
+    prefilled = Engine(model, max_batch_slots=3, max_seq_len=32, page_size=4, loop_prompt_tokens=0)
     assert squeezed.stats.preemptions > 0
     assert alone.results[0].tokens == crowded.results[0].tokens == squeezed.results[0].tokens
     assert [r.tokens for r in crowded.results] == [r.tokens for r in squeezed.results]
+    assert [r.tokens for r in crowded.results] == [r.tokens for r in prefilled.generate(prompts(), 9, **kwargs).results]
     assert len({tuple(r.tokens) for r in crowded.results}) > 1
 
 

@@ -35,9 +35,10 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    # 8 rows for 32 concurrent clients: most of them queue.
+    # 8 rows for 32 concurrent clients: most of them queue. Prompts of up to 12 tokens go through the decoding loop,
+    # longer ones are prefilled: the tests below send both.
     process = ServerProcess(checkpoint[0], tmp_path_factory.mktemp("log") / "server.log", "--max-batch", "8",
-                            "--extra-recursions", "1")
+                            "--extra-recursions", "1", "--loop-prompt-tokens", "12")
     yield process
     assert process.stop() == 0, process.log.read_text()
 

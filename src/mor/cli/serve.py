@@ -34,6 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "page pool holds --max-batch requests of this length")
     parser.add_argument("--extra-recursions", type=non_negative_int, default=0, metavar="N",
                         help="the most test-time recursions a request may ask for with extra_recursions (default 0)")
+    parser.add_argument("--loop-prompt-tokens", type=non_negative_int, default=256, metavar="N",
+                        help="prompts of up to N tokens go through the decoding loop, a token per pass, with no "
+                             "pause of the batch; longer ones are prefilled in one forward (default 256; 0: prefill "
+                             "every prompt)")
     parser.add_argument("--served-model-name", metavar="NAME",
                         help="the model name clients send (default: the checkpoint's folder or file name)")
     parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -57,6 +61,7 @@ def run_serve(args: argparse.Namespace) -> int:
         path = Path(args.checkpoint)
         name = args.served_model_name or (path.stem if path.is_file() else path.resolve().name)
         options = ServeOptions(args.host, args.max_batch, args.max_queue, args.max_seq_len, args.extra_recursions,
-                               args.drain_timeout, cuda_graphs=device.startswith("cuda") and not args.eager)
+                               args.drain_timeout, cuda_graphs=device.startswith("cuda") and not args.eager,
+                               loop_prompt_tokens=args.loop_prompt_tokens)
         serve(model, tokenizer, name, listener, options)
     return 0

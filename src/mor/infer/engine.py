@@ -17,8 +17,10 @@ The engine is three parts, as serving engines split theirs:
 
 The host and the device meet once per window of up to ``window`` iterations: the host reads the tokens sampled in
 it (one copy), admits new requests into rows that finished, and launches the next window before it processes the
-last one's tokens, so the device does not wait for the host. A prompt's tokens but the last are prefilled by the
-model's own causal forward into the paged streams; the last prompt token then enters like a generated one.
+last one's tokens, so the device does not wait for the host. A short prompt (``loop_prompt_tokens``) goes through
+the decoding loop itself, a token per pass, with the prompt's next token taken in place of a sampled one: no
+host work and no pause of the batch. A longer prompt's tokens but the last are prefilled by the model's own
+causal forward into the paged streams, in batches; the last prompt token then enters like a generated one.
 """
 
 from __future__ import annotations
@@ -109,7 +111,10 @@ class Engine:
     ``cuda_graphs``: one CUDA graph per window; ``compile``: fuse the layers and the code between them with
     ``torch.compile`` (default: with CUDA graphs); ``kernel``: paged attention by the Triton kernel rather than a
     padded gather (default: on CUDA when Triton is there); ``lockstep``: switch depth-wise batching off, for
-    comparison (the tokens of the batch leave the block together, once the deepest is done).
+    comparison (the tokens of the batch leave the block together, once the deepest is done);
+    ``loop_prompt_tokens``: prompts of up to this many tokens enter through the decoding loop, longer ones are
+    prefilled (0: prefill every prompt). The loop costs no host time but a pass per prompt token; a prefill
+    costs a forward of the model from the host, tens to hundreds of milliseconds, while the batch waits.
 
     The engine puts ``model`` in eval mode (inference routing) and leaves it there for as long as it serves: call
     ``model.train()`` to train the model again after serving.
@@ -119,7 +124,7 @@ class Engine:
                  page_size: int = 16, max_requests: int | None = None, num_pages: int | None = None,
                  max_recursions: int | None = None, extra_recursions: int = 0, tail_slots: int | None = None,
                  window: int = 8, cuda_graphs: bool = False, compile: bool | None = None,
-                 kernel: bool = True, lockstep: bool = False) -> None:
+                 kernel: bool = True, lockstep: bool = False, loop_prompt_tokens: int = 256) -> None:
         cfg = model.config
         if cfg.random_router:
             raise ValueError("random routers decide by chance; the engine needs a trained (or calibrated) router")
@@ -127,6 +132,8 @@ class Engine:
                             ("max_requests", max_requests or 1), ("tail_slots", tail_slots or 1)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if loop_prompt_tokens < 0:
+            raise ValueError(f"loop_prompt_tokens must be at least 0, got {loop_prompt_tokens}")
         model.model.recursion_steps(max_recursions, extra_recursions)  # clear errors for options that cannot apply
         if cuda_graphs and model.lm_head.weight.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
@@ -140,7 +147,8 @@ class Engine:
         sizes = tuple(sorted({2 ** i for i in range(int(math.log2(window)) + 1)} | {window}))
         self.runner = Runner(model, self.max_requests, max_batch_slots, tail_slots or self.max_requests,
                              self.max_seq_len, page_size, num_pages, extra_recursions, sizes,
-                             cuda_graphs, self.compiled, kernel, lockstep)
+                             cuda_graphs, self.compiled, kernel, lockstep, loop_prompt_tokens)
+        self.loop_prompt_tokens = loop_prompt_tokens
         self.cache = self.runner.cache
         pool = self.cache.pool
         self.scheduler = Scheduler(self.max_requests, pool.num_streams, page_size, pool.num_pages, sizes)
@@ -322,11 +330,16 @@ class Engine:
             return
         modes = {self.mode_of(r.params) for r in self.scheduler.running.values()}
         self._mode = "filter" if "filter" in modes else "sample" if "sample" in modes else "greedy"
-        self._prefill([r for r in admitted if len(r.sequence) > 1])
+        looped = {r.row for r in admitted if len(r.sequence) - 1 <= self.loop_prompt_tokens}
+        self._prefill([r for r in admitted if r.row not in looped])
+        self._counts["tokens_in"] += sum(len(r.sequence) - 1 for r in admitted if r.row in looped)
         vocab = self.model.config.vocab_size
-        columns = [(r.row, r.sequence[-1], len(r.sequence) - 1, r.max_new - len(r.tokens), len(r.tokens),
+        # A looped request enters its first token and feeds the rest; a prefilled one enters its last.
+        columns = [(r.row, r.sequence[0] if r.row in looped else r.sequence[-1],
+                    0 if r.row in looped else len(r.sequence) - 1, r.max_new - len(r.tokens), len(r.tokens),
                     0.0 if r.params.greedy else r.params.temperature, r.params.top_k or vocab,
-                    r.params.top_p or 1.0, r.seed, r.steps) for r in admitted]
+                    r.params.top_p or 1.0, r.seed, r.steps, r.sequence[1:] if r.row in looped else [])
+                   for r in admitted]
         self.runner.enter(*map(list, zip(*columns)))
 
     def _prefill(self, requests: list[Request]) -> None:

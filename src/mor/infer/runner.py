@@ -15,7 +15,8 @@ One *iteration* runs, in order and all on the device:
 3. the *tail stage*: up to ``tail_slots`` rows in phase EXIT (or ENTER, newly admitted) run the unique last
    layer(s), the norm and the head, sample their next token (:func:`mor.infer.sampling.sample_rows`), log it,
    and unless the request is done run the *entry* right behind: embedding, unique first layer(s) and the first
-   routing decision.
+   routing decision. A row still *feeding* its prompt takes the prompt's next token instead of the sampled one,
+   and nothing is logged: a short prompt goes through the same loop as generated tokens, with no prefill.
 
 Rows are picked by age (oldest first) when there are more candidates than slots; idle slots point at an idle row
 whose writes land in a trash page. A *window* of K iterations runs without the host; at its end the state the
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mor.infer.page_pool import PagedCache
 from mor.infer.paged_attention import gathered_attention, kernel_available, paged_decode_attention
@@ -41,12 +43,15 @@ from mor.model.routing import RoutingResult
 
 FREE, BLOCK, EXIT, ENTER, DONE = range(5)  # row phases
 # Columns of the integer row state (one tensor, so a stage updates a row's state in one write)
-POSITION, STEP, PHASE, AGE, REMAINING, TOKEN, SAMPLED, TARGET, TOP_K, SEED, CAP = range(11)
+POSITION, STEP, PHASE, AGE, REMAINING, TOKEN, SAMPLED, TARGET, TOP_K, SEED, CAP, FEED = range(12)
 # Columns of the float row state
 GATE, TEMPERATURE, TOP_P = range(3)
 # Device counters
 CLOCK, BLOCK_TOKENS, SAMPLED_TOKENS = range(3)
 MAX_EOS = 16  # end-token ids a run can have
+# Attention kernels a prefill may use. Not cuDNN's: it builds a plan for every new shape, and prompt shapes rarely
+# repeat (on an H200 that cost up to 0.8 s per prefill; benchmarks/prefill_shapes.py).
+PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,7 @@ class Runner:
     def __init__(self, model: nn.Module, rows: int, block_slots: int, tail_slots: int, max_seq_len: int,
                  page_size: int, num_pages: int | None, extra_recursions: int,
                  window_sizes: tuple[int, ...], cuda_graphs: bool, compile: bool, kernel: bool,
-                 lockstep: bool = False) -> None:
+                 lockstep: bool = False, feed_slots: int = 0) -> None:
         cfg, inner = model.config, model.model
         self.model, self.config = model, cfg
         weight = model.lm_head.weight
@@ -182,8 +187,11 @@ class Runner:
         self.first = torch.zeros_like(self.hidden)  # token-choice: H^1, the block's input
         # Per row: the position, depth (block steps run) and phase of its token, the iteration it entered that
         # phase (AGE), tokens still to sample, the token to enter (ENTER), tokens sampled so far (the noise
-        # counter), the token-choice depth, the request's sampling settings and the recursion steps it may run.
-        self.ints = torch.zeros(n, 11, dtype=torch.long, device=device)
+        # counter), the token-choice depth, the request's sampling settings, the recursion steps it may run and the
+        # prompt tokens it has still to feed (the last FEED of its row of ``feed``).
+        self.ints = torch.zeros(n, 12, dtype=torch.long, device=device)
+        self.feed_slots = feed_slots
+        self.feed = torch.zeros(n, max(feed_slots, 1), dtype=torch.long, device=device)
         self.floats = torch.zeros(n, 3, device=device)
         self.floats[:, TOP_P] = 1.0
         self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long, device=device)
@@ -236,22 +244,30 @@ class Runner:
             mask[i, width - len(prompt):] = 1
         ragged = len(set(map(len, prompts))) > 1  # a mask only then (the model reads a mask back to check it)
         cache = self.cache.prefill(rows)
-        self.model.model(ids.to(self.device), attention_mask=mask.to(self.device) if ragged else None,
-                         routing="causal", cache=cache, max_recursions=max_recursions,
-                         extra_recursions=extra_recursions)
+        with sdpa_kernel(PREFILL_ATTENTION):
+            self.model.model(ids.to(self.device), attention_mask=mask.to(self.device) if ragged else None,
+                             routing="causal", cache=cache, max_recursions=max_recursions,
+                             extra_recursions=extra_recursions)
         cache.commit()
 
     def enter(self, rows: list[int], tokens: list[int], positions: list[int], remaining: list[int],
               sampled: list[int], temperature: list[float], top_k: list[int], top_p: list[float],
-              seeds: list[int], caps: list[int]) -> None:
+              seeds: list[int], caps: list[int], feeds: list[list[int]]) -> None:
         """Queue each row's ``tokens`` (at ``positions``) for the entry at the next tail stage; ``caps``: the
-        recursion steps each may run."""
+        recursion steps each may run; ``feeds``: the prompt tokens each feeds after its token (at most
+        ``feed_slots``), before it samples."""
         n = len(rows)
         ints = torch.zeros(n, self.ints.shape[1], dtype=torch.long)
         for column, values in ((POSITION, positions), (REMAINING, remaining), (TOKEN, tokens), (SAMPLED, sampled),
-                               (TOP_K, top_k), (SEED, seeds), (CAP, caps)):
+                               (TOP_K, top_k), (SEED, seeds), (CAP, caps), (FEED, list(map(len, feeds)))):
             ints[:, column] = torch.tensor(values, dtype=torch.long)
         ints[:, PHASE] = ENTER
+        feed = torch.zeros(n, self.feed.shape[1], dtype=torch.long)
+        for i, tokens_to_feed in enumerate(feeds):
+            if len(tokens_to_feed) > self.feed_slots:
+                raise ValueError(f"{len(tokens_to_feed)} prompt tokens to feed; this runner holds {self.feed_slots}")
+            if tokens_to_feed:  # right-aligned: a row with FEED = f takes feed[row, -f] next
+                feed[i, feed.shape[1] - len(tokens_to_feed):] = torch.tensor(tokens_to_feed, dtype=torch.long)
         floats = torch.zeros(n, self.floats.shape[1])
         floats[:, TEMPERATURE], floats[:, TOP_P] = torch.tensor(temperature), torch.tensor(top_p)
         index = torch.tensor(rows).to(self.device, non_blocking=True)
@@ -259,6 +275,7 @@ class Runner:
         ints[:, AGE] = self.counters[CLOCK]
         self.ints[index] = ints
         self.floats[index] = floats.to(self.device, non_blocking=True)
+        self.feed[index] = feed.to(self.device, non_blocking=True)
 
     def finish(self, rows: list[int]) -> None:
         """Stop the rows' requests (cancelled from the host): they go idle until released."""
@@ -465,22 +482,29 @@ class Runner:
 
     def _sample(self, rows: Tensor, real: Tensor, exiting: Tensor, h: Tensor, coda_at: Tensor,
                       mode: str) -> tuple[Tensor, ...]:
-        """Count the coda's entries; sample the tokens and decide which requests are done; the embedded tokens to
-        enter, with their rotary angles and prelude pairs, and the log record (rows, tokens, depths)."""
+        """Count the coda's entries; sample the tokens (or take the prompt's next one) and decide which requests
+        are done; the embedded tokens to enter, with their rotary angles and prelude pairs, and the log record
+        (rows, tokens, depths) of the sampled ones."""
         self._count(coda_at, exiting[:, None].expand_as(coda_at))
         state, floats = self.ints[rows], self.floats[rows]
         logits = self.model.lm_head(self.model.model.norm(h))
         token = sample_rows(logits, floats[:, TEMPERATURE], state[:, TOP_K], floats[:, TOP_P], state[:, SEED],
                             state[:, SAMPLED], mode)
+        feed = state[:, FEED]
+        feeding = exiting & (feed > 0)
+        sampled = exiting & ~feeding
+        width = self.feed.shape[1]
+        token = torch.where(feeding, self.feed[rows, (width - feed).clamp(0, width - 1)], token)
         token = torch.where(exiting, token, state[:, TOKEN])
-        record = torch.stack([torch.where(exiting, rows, -1), token, state[:, STEP] * self.depth_unit])
-        remaining = state[:, REMAINING] - exiting.long()
-        finished = exiting & ((remaining <= 0) | (token[:, None] == self.eos).any(1))
+        record = torch.stack([torch.where(sampled, rows, -1), token, state[:, STEP] * self.depth_unit])
+        remaining = state[:, REMAINING] - sampled.long()
+        finished = sampled & ((remaining <= 0) | (token[:, None] == self.eos).any(1))
         position = state[:, POSITION] + exiting.long()
         state[:, REMAINING] = remaining
-        state[:, SAMPLED] = state[:, SAMPLED] + exiting.long()
+        state[:, SAMPLED] = state[:, SAMPLED] + sampled.long()
+        state[:, FEED] = feed - feeding.long()
         self.ints[rows] = torch.where(real[:, None], state, self.ints[rows])
-        self.counters[SAMPLED_TOKENS] += exiting.sum()
+        self.counters[SAMPLED_TOKENS] += sampled.sum()
         x = self.model.model.embed_tokens(token)
         cos, sin = self.model.model.rotary(position, x.dtype)
         at = self.pool.pair_index(self.prelude_streams[None, :], rows[:, None])

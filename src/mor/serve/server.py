@@ -18,7 +18,8 @@ class ServeOptions:
     """``max_batch``: the engine's rows and block slots; ``max_queue``: requests that may wait for a row beyond
     them; ``max_seq_len``: prompt + generated tokens per request (None: the model's context); ``extra_recursions``:
     the most test-time recursions a request may ask for; ``drain_timeout``: seconds the requests in flight get after
-    SIGTERM; ``cuda_graphs``: capture the engine's windows (and compile) on CUDA."""
+    SIGTERM; ``cuda_graphs``: capture the engine's windows (and compile) on CUDA; ``loop_prompt_tokens``: prompts
+    of up to this many tokens go through the decoding loop instead of a prefill (``Engine``)."""
 
     host: str = "127.0.0.1"
     max_batch: int = 32
@@ -27,6 +28,7 @@ class ServeOptions:
     extra_recursions: int = 0
     drain_timeout: float = 30.0
     cuda_graphs: bool = False
+    loop_prompt_tokens: int = 256
 
 
 def load_served_model(path: str | Path, tokenizer: str | Path | None, device: str, dtype: str,
@@ -75,7 +77,8 @@ def serve(model: MoRForCausalLM, tokenizer: TextTokenizer, name: str, listener: 
     if turn_end is not None and tokenizer.backend.token_to_id(turn_end) is not None:
         end_tokens.add(tokenizer.backend.token_to_id(turn_end))
     engine = Engine(model, max_batch_slots=options.max_batch, max_seq_len=options.max_seq_len,
-                    extra_recursions=options.extra_recursions, cuda_graphs=options.cuda_graphs)
+                    extra_recursions=options.extra_recursions, cuda_graphs=options.cuda_graphs,
+                    loop_prompt_tokens=options.loop_prompt_tokens)
     metrics = Metrics(engine.cache.pool.num_pages)
     worker = EngineWorker(engine, sorted(end_tokens), options.max_queue, metrics)
     served = ServedModel(name, tokenizer, load_chat_template(folder), end_tokens)
