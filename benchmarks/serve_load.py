@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -69,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=None, help="requests per load point (default 400)")
     parser.add_argument("--rates", default=None, help="Poisson arrival rates, requests/s (default 4,8,16,32,64)")
     parser.add_argument("--clients", type=int, default=None, help="closed-loop clients (default 2 x --batch)")
+    parser.add_argument("--client-processes", type=int, default=None,
+                        help="processes the clients are spread over (default 4; CPU quick 1)")
     parser.add_argument("--max-prompt", type=int, default=None, help="prompt tokens at most (default 256)")
     parser.add_argument("--max-output", type=int, default=None, help="output tokens at most (default 256)")
     parser.add_argument("--corpus", type=Path, help="documents as `mor data prepare` reads them: JSON Lines with a "
@@ -86,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = dict(shape="tiny" if quick_cpu else "360m", batch=4 if quick_cpu else 128,
                     requests=12 if quick_cpu else 100 if args.quick else 400,
                     rates="8" if quick_cpu else "16" if args.quick else "4,8,16,32,64",
-                    max_prompt=32 if quick_cpu else 256, max_output=24 if quick_cpu else 256)
+                    max_prompt=32 if quick_cpu else 256, max_output=24 if quick_cpu else 256,
+                    client_processes=1 if quick_cpu else 4)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -208,31 +212,67 @@ async def one_request(client, name: str, prompt: list[int], max_tokens: int, see
     return Sample(start, first, time.perf_counter(), tokens, depth_sum)
 
 
-async def drive(url: str, name: str, requests: list[tuple[list[int], int]], rate: float | None, clients: int,
-                seed: int) -> list[Sample]:
-    """Poisson arrivals at ``rate`` requests/s, or (``rate`` None) a closed loop of ``clients`` clients."""
+Shard = list[tuple[int, float, list[int], int]]  # (request index, arrival time, prompt, output length)
+
+
+def drive(url: str, name: str, requests: list[tuple[list[int], int]], rate: float | None, clients: int,
+          seed: int, processes: int = 1) -> list[Sample]:
+    """Poisson arrivals at ``rate`` requests/s, or (``rate`` None) a closed loop of ``clients`` clients, from
+    ``processes`` client processes (every ``processes``-th request each): one Python process of ``openai`` streaming
+    clients tops out at a couple of hundred requests/s, below what the server takes."""
+    arrivals = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, len(requests))) if rate else \
+        np.zeros(len(requests))
+    shards: list[Shard] = [[(i, float(arrivals[i]), *requests[i]) for i in range(k, len(requests), processes)]
+                           for k in range(processes)]
+    loops = [clients // processes + (k < clients % processes) for k in range(processes)]
+    if processes == 1:
+        return asyncio.run(_drive_shard(url, name, shards[0], rate is not None, loops[0], seed, time.perf_counter()))
+    context = multiprocessing.get_context("spawn")  # the parent may hold a CUDA context, which fork cannot share
+    ready, begin = context.Barrier(processes + 1), context.Value("d", 0.0)
+    with context.Pool(processes, _client_start, (ready, begin)) as pool:
+        pending = [pool.apply_async(_client_process, (url, name, shard, rate is not None, n, seed))
+                   for shard, n in zip(shards, loops)]
+        begin.value = time.perf_counter() + 0.1  # CLOCK_MONOTONIC: one clock for every process
+        ready.wait(timeout=300)  # every process has imported what it needs and waits for the start
+        return [sample for job in pending for sample in job.get()]
+
+
+_start: tuple = ()  # a client process's start barrier and start time, from the parent
+
+
+def _client_start(ready, begin) -> None:
+    global _start
+    _start = (ready, begin)
+
+
+def _client_process(url: str, name: str, shard: Shard, poisson: bool, loops: int, seed: int) -> list[Sample]:
+    ready, begin = _start
+    ready.wait(timeout=300)
+    return asyncio.run(_drive_shard(url, name, shard, poisson, loops, seed, begin.value))
+
+
+async def _drive_shard(url: str, name: str, shard: Shard, poisson: bool, loops: int, seed: int,
+                       begin: float) -> list[Sample]:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
     try:
-        if rate is not None:
-            gaps = np.random.default_rng(seed).exponential(1 / rate, len(requests))
-            begin = time.perf_counter()
-
-            async def arrive(i: int, at: float) -> Sample:
+        await asyncio.sleep(max(0.0, begin - time.perf_counter()))
+        if poisson:
+            async def arrive(i: int, at: float, prompt: list[int], n: int) -> Sample:
                 await asyncio.sleep(max(0.0, begin + at - time.perf_counter()))
-                return await one_request(client, name, *requests[i], seed + i)
+                return await one_request(client, name, prompt, n, seed + i)
 
-            return list(await asyncio.gather(*(arrive(i, at) for i, at in enumerate(np.cumsum(gaps)))))
-        queue = list(enumerate(requests))
+            return list(await asyncio.gather(*(arrive(*item) for item in shard)))
+        queue = list(shard)
         samples: list[Sample] = []
 
         async def loop() -> None:
             while queue:
-                i, (prompt, n) = queue.pop(0)
+                i, _, prompt, n = queue.pop(0)
                 samples.append(await one_request(client, name, prompt, n, seed + i))
 
-        await asyncio.gather(*(loop() for _ in range(clients)))
+        await asyncio.gather(*(loop() for _ in range(loops)))
         return samples
     finally:
         await client.close()
@@ -286,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     requests = workload(args, tokenizer)
     meta = dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
                 torch=torch.__version__, shape=args.shape, batch=args.batch, clients=args.clients,
+                client_processes=args.client_processes,
                 requests=args.requests, corpus=str(args.corpus), tokenizer=str(args.tokenizer),
                 mean_prompt=float(np.mean([len(p) for p, _ in requests])),
                 mean_output=float(np.mean([n for _, n in requests])), command=" ".join(sys.argv))
@@ -305,11 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # Warm-up, at once: the server listens before its start-up line names the port, so no connection is
             # refused while uvicorn starts.
-            asyncio.run(drive(server.url, name, requests[: args.batch], None, args.batch, args.seed))
+            drive(server.url, name, requests[: args.batch], None, args.batch, args.seed, args.client_processes)
             loads = [(f"poisson {rate:g}/s", float(rate)) for rate in map(float, args.rates.split(","))]
             for label, rate in [*loads, (f"closed {args.clients}", None)]:
                 before = server_ttft(server.url)
-                stats = summarise(asyncio.run(drive(server.url, name, requests, rate, args.clients, args.seed)))
+                stats = summarise(drive(server.url, name, requests, rate, args.clients, args.seed,
+                                        args.client_processes))
                 after = server_ttft(server.url)
                 row = dict(model=name, load=label, rate=rate, **stats,
                            server_ttft_mean=(after[0] - before[0]) / max(after[1] - before[1], 1),

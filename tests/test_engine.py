@@ -93,6 +93,18 @@ def test_pages_freed_since_the_last_status_are_counted_before_new_prompts_are_ad
     assert engine.cache.pages_in_use() == 0
 
 
+def test_the_scheduler_budgets_from_a_snapshot_of_the_pool_not_the_live_counts():
+    # On the CPU, reading the pool's counts without a copy handed the scheduler the live tensor: the next windows
+    # moved it on, the budget was taken from counts that were no longer true, and the pool ran dry mid-window.
+    model = make_decisive("recursive_sequence_share")
+    lengths, new_tokens = [8, 7, 3, 7], [14, 10, 16, 12]
+    engine = Engine(model, max_batch_slots=4, max_seq_len=24, page_size=4, window=1, num_pages=27,
+                    loop_prompt_tokens=4)
+    out = engine.generate(prompts(lengths), new_tokens)
+    assert out.stats.preemptions > 0
+    assert_matches_generate(model, out, prompts(lengths), new_tokens)
+
+
 def test_after_a_failure_cancelling_everything_gives_a_working_engine_again():
     """A broken page budget (here forced: the pool's overflow flag) stops the run with a clear error; dropping
     every request then starts again from a free pool, and the engine serves as before."""
@@ -148,6 +160,17 @@ def test_kv_accounting_follows_the_depths_each_token_ran():
     vanilla = Engine(make_decisive("vanilla"), max_batch_slots=3, max_seq_len=32).generate(prompts(), NEW_TOKENS)
     assert vanilla.stats.kv_block_ratio == pytest.approx(1.0) == vanilla.stats.kv_model_ratio
     assert vanilla.stats.kv_bytes_per_token == 2 * 5 * 2 * 16 * 4  # K+V, 5 layers, 2 KV heads, dim 16, fp32
+
+
+@pytest.mark.parametrize("loop", [0, 64], ids=["prefilled", "looped"])
+def test_kv_accounting_counts_the_work_redone_after_preemption(loop):
+    # A request preempted in the middle of its prompt is counted for the tokens it really fed, not its whole prompt.
+    lengths, new_tokens = (10, 11, 9, 12, 10, 11), [12, 10, 13, 11, 12, 12]
+    engine = Engine(make_decisive("vanilla"), max_batch_slots=4, max_seq_len=24, page_size=2, num_pages=60,
+                    loop_prompt_tokens=loop, window=4)
+    stats = engine.generate(prompts(lengths), new_tokens).stats
+    assert stats.preemptions > 0
+    assert stats.kv_block_ratio == pytest.approx(1.0) == stats.kv_model_ratio
 
 
 def test_engine_stops_at_eos_and_caps_depth_like_generate():

@@ -1,5 +1,5 @@
 """benchmarks/serve_load.py end to end on the CPU at a tiny size: the offline baseline, a server process, Poisson
-arrivals and a closed loop through the openai client, and the JSON it writes."""
+arrivals and a closed loop through the openai client (from two client processes), and the JSON it writes."""
 
 import json
 import os
@@ -16,12 +16,12 @@ pytestmark = pytest.mark.slow  # starts processes
 
 def test_the_serving_benchmark_runs_on_the_cpu_and_writes_its_table(tmp_path):
     command = [sys.executable, str(REPO_ROOT / "benchmarks" / "serve_load.py"), "--device", "cpu", "--quick",
-               "--models", "mor-3", "--requests", "8", "--out", str(tmp_path)]
+               "--models", "mor-3", "--requests", "8", "--client-processes", "2", "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "serve_load.json").read_text())
-    assert report["meta"]["batch"] == 4 and report["meta"]["clients"] == 8
+    assert report["meta"]["batch"] == 4 and report["meta"]["clients"] == 8 and report["meta"]["client_processes"] == 2
     rows = {row["load"]: row for row in report["results"]}
     assert set(rows) == {"offline", "poisson 8/s", "closed 8"}
     for load in ("poisson 8/s", "closed 8"):

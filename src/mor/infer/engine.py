@@ -147,7 +147,8 @@ class Engine:
         sizes = tuple(sorted({2 ** i for i in range(int(math.log2(window)) + 1)} | {window}))
         self.runner = Runner(model, self.max_requests, max_batch_slots, tail_slots or self.max_requests,
                              self.max_seq_len, page_size, num_pages, extra_recursions, sizes,
-                             cuda_graphs, self.compiled, kernel, lockstep, loop_prompt_tokens)
+                             cuda_graphs, self.compiled, kernel, lockstep,
+                             feed_slots=max(min(loop_prompt_tokens, self.max_seq_len) - 1, 0))
         self.loop_prompt_tokens = loop_prompt_tokens
         self.cache = self.runner.cache
         pool = self.cache.pool
@@ -330,9 +331,8 @@ class Engine:
             return
         modes = {self.mode_of(r.params) for r in self.scheduler.running.values()}
         self._mode = "filter" if "filter" in modes else "sample" if "sample" in modes else "greedy"
-        looped = {r.row for r in admitted if len(r.sequence) - 1 <= self.loop_prompt_tokens}
-        self._prefill([r for r in admitted if r.row not in looped])
-        self._counts["tokens_in"] += sum(len(r.sequence) - 1 for r in admitted if r.row in looped)
+        looped = {r.row for r in admitted if 1 < len(r.sequence) <= self.loop_prompt_tokens}
+        self._prefill([r for r in admitted if len(r.sequence) > 1 and r.row not in looped])
         vocab = self.model.config.vocab_size
         # A looped request enters its first token and feeds the rest; a prefilled one enters its last.
         columns = [(r.row, r.sequence[0] if r.row in looped else r.sequence[-1],
@@ -393,7 +393,8 @@ class Engine:
     def _refresh(self) -> None:
         """Read the pool's counts and free pages directly (a synchronisation; only with no window in flight)."""
         pool = self.cache.pool
-        self.scheduler.refresh(pool.counts[:, : self.max_requests].cpu().numpy(), pool.free_pages())
+        # A copy: on the CPU, .cpu() would hand the scheduler the live counts, which the next window changes.
+        self.scheduler.refresh(pool.counts[:, : self.max_requests].cpu().numpy().copy(), pool.free_pages())
 
     def _preempt(self) -> None:
         if self.scheduler.stale:
@@ -429,7 +430,7 @@ class Engine:
         plan, cache = self.model.model.plan, self.cache
         appended = {p: device["appended"][s] for p, s in cache.stream.items()}
         block = [p for step in self.runner.steps for p in step]
-        per_token = max(self._counts["tokens_in"], 1)
+        per_token = max(self._counts["tokens_in"] + device["fed"], 1)  # tokens that entered the model
         iterations = max(device["iterations"], 1)
         return EngineStats(
             requests=len(results), tokens=tokens, seconds=seconds, tokens_per_second=tokens / max(seconds, 1e-9),

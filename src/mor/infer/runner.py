@@ -47,7 +47,7 @@ POSITION, STEP, PHASE, AGE, REMAINING, TOKEN, SAMPLED, TARGET, TOP_K, SEED, CAP,
 # Columns of the float row state
 GATE, TEMPERATURE, TOP_P = range(3)
 # Device counters
-CLOCK, BLOCK_TOKENS, SAMPLED_TOKENS = range(3)
+CLOCK, BLOCK_TOKENS, SAMPLED_TOKENS, FED_TOKENS = range(4)
 MAX_EOS = 16  # end-token ids a run can have
 # Attention kernels a prefill may use. Not cuDNN's: it builds a plan for every new shape, and prompt shapes rarely
 # repeat (on an H200 that cost up to 0.8 s per prefill; benchmarks/prefill_shapes.py).
@@ -196,7 +196,7 @@ class Runner:
         self.floats[:, TOP_P] = 1.0
         self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long, device=device)
         self.eos_ids: frozenset[int] = frozenset()
-        self.counters = torch.zeros(3, dtype=torch.long, device=device)
+        self.counters = torch.zeros(4, dtype=torch.long, device=device)
 
         # The status buffer: the token log of a window, then phases, counts and pool scalars.
         streams = self.pool.num_streams
@@ -359,8 +359,8 @@ class Runner:
 
     def statistics(self) -> dict[str, int]:
         """Device counters (one synchronisation)."""
-        iterations, block_tokens, sampled = self.counters.tolist()
-        return dict(block_tokens=block_tokens, sampled=sampled, iterations=iterations,
+        iterations, block_tokens, sampled, fed = self.counters.tolist()
+        return dict(block_tokens=block_tokens, sampled=sampled, fed=fed, iterations=iterations,
                     peak_pages=int(self.pool.peak), appended=self.pool.appended.tolist())
 
     def reset_statistics(self) -> None:
@@ -505,6 +505,7 @@ class Runner:
         state[:, FEED] = feed - feeding.long()
         self.ints[rows] = torch.where(real[:, None], state, self.ints[rows])
         self.counters[SAMPLED_TOKENS] += sampled.sum()
+        self.counters[FED_TOKENS] += feeding.sum()
         x = self.model.model.embed_tokens(token)
         cos, sin = self.model.model.rotary(position, x.dtype)
         at = self.pool.pair_index(self.prelude_streams[None, :], rows[:, None])
