@@ -105,6 +105,16 @@ def test_the_scheduler_budgets_from_a_snapshot_of_the_pool_not_the_live_counts()
     assert_matches_generate(model, out, prompts(lengths), new_tokens)
 
 
+@pytest.mark.parametrize("prompt_length, new_tokens", [(1, 7), (4, 4), (2, 5)])
+def test_the_default_pool_serves_a_request_as_long_as_the_context(prompt_length, new_tokens):
+    # The budget counted room for one entry past the context, which the pool never gives a stream: a request of
+    # the full context did not fit the worst-case pool and was refused.
+    model = make_decisive("expert")
+    engine = Engine(model, max_batch_slots=1, max_seq_len=8, page_size=4, window=1)
+    out = engine.generate([[5] * prompt_length], new_tokens)
+    assert_matches_generate(model, out, [[5] * prompt_length], [new_tokens])
+
+
 def test_after_a_failure_cancelling_everything_gives_a_working_engine_again():
     """A broken page budget (here forced: the pool's overflow flag) stops the run with a clear error; dropping
     every request then starts again from a free pool, and the engine serves as before."""

@@ -152,7 +152,8 @@ class Engine:
         self.loop_prompt_tokens = loop_prompt_tokens
         self.cache = self.runner.cache
         pool = self.cache.pool
-        self.scheduler = Scheduler(self.max_requests, pool.num_streams, page_size, pool.num_pages, sizes)
+        self.scheduler = Scheduler(self.max_requests, pool.num_streams, page_size, pool.num_pages, pool.max_pages,
+                                   sizes)
         self._requests: dict[int, Request] = {}
         self._next_id = 0
         self._in_flight: Window | None = None

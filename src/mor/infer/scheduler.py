@@ -4,7 +4,8 @@ The device allocates KV pages by itself (:class:`mor.infer.page_pool.PagePool`),
 keep that safe: before it lets the device run a window of K iterations it checks, from the entry counts and free
 pages of the last status it read, that the pool holds enough pages for everything that may happen until then.
 A row appends at most one entry per stream per iteration and keeps room for one more, so a row with ``c`` entries
-in a stream takes at most ``ceil((c + k + 1) / P) - ceil(c / P)`` new pages there in ``k`` iterations. Rows
+in a stream takes at most ``min(ceil((c + k + 1) / P), M) - ceil(c / P)`` new pages there in ``k`` iterations
+(``M``: the pages a stream of one request holds at most, as the pool never gives it more). Rows
 admitted since that status are bounded by their prefilled length instead. When even one iteration does not fit,
 the youngest request is preempted: its pages are freed and it is recomputed later from its prompt and the
 tokens it generated so far.
@@ -12,7 +13,6 @@ tokens it generated so far.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,11 +51,12 @@ class Request:
 
 class Scheduler:
     """Rows, admission and the page budget of an engine with ``rows`` request rows and ``num_streams`` KV streams
-    of ``page_size`` entries."""
+    of ``page_size`` entries, at most ``max_pages`` pages per stream of a row."""
 
-    def __init__(self, rows: int, num_streams: int, page_size: int, num_pages: int,
+    def __init__(self, rows: int, num_streams: int, page_size: int, num_pages: int, max_pages: int,
                  window_sizes: tuple[int, ...]) -> None:
         self.num_streams, self.page_size, self.num_pages = num_streams, page_size, num_pages
+        self.max_pages = max_pages
         self.window_sizes = tuple(sorted(window_sizes))
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}
@@ -73,13 +74,16 @@ class Scheduler:
     # ------------------------------------------------------------------ page budget
     def _growth(self, steps: int) -> int:
         """Pages the running rows may take in ``steps`` more iterations, counted from the last status."""
-        size = self.page_size
         known = [r.row for r in self.running.values() if self.describes(r)]
         counts = self.counts[:, known]
-        pages = (-(-(counts + steps + 1) // size) + (-counts // size)).sum()  # ceil(..) - ceil(c / size)
+        pages = (self._pages_for(counts + steps + 1) + (-counts // self.page_size)).sum()  # minus ceil(c / size)
         fresh = [len(r.sequence) - 1 for r in self.running.values() if not self.describes(r)]
-        pages += sum(self.num_streams * math.ceil((n + steps + 1) / size) for n in fresh)
+        pages += sum(self.num_streams * self._pages_for(n + steps + 1) for n in fresh)
         return int(pages)
+
+    def _pages_for(self, entries: int | np.ndarray) -> np.ndarray:
+        """Pages a stream of one row holds for ``entries`` entries (elementwise)."""
+        return np.minimum(-(-entries // self.page_size), self.max_pages)
 
     def _launched_steps(self) -> int:
         return sum(size for size, _ in self.in_flight)
@@ -92,7 +96,7 @@ class Scheduler:
         while self.waiting and self.free_rows:
             request = self.waiting[0]
             prefix = len(request.sequence) - 1
-            more = self.num_streams * math.ceil((prefix + steps + 1) / self.page_size)
+            more = self.num_streams * int(self._pages_for(prefix + steps + 1))
             if pages + more > self.free_pages:
                 if not self.running and not self.stale:
                     raise MemoryError(f"the KV page pool ({self.free_pages} free pages) cannot hold a prompt of "
