@@ -147,16 +147,19 @@ class ExpertChoice(nn.Module):
         return full[steps] | self.continues(logits, aux), self.gate(logits)
 
     def _every_router(self, routers: nn.ModuleList, hidden: Tensor) -> Tensor:
-        """Logits [N, Nr] of every router on every token; linear routers in one matrix product (with their biases,
-        where a router was given one, e.g. to calibrate its exits)."""
+        """Logits [N, Nr] of every router on every token; linear routers as one reduction (with their biases,
+        where a router was given one, e.g. to calibrate its exits). A reduction rather than a matrix product: with
+        a handful of outputs a product runs as a general GEMM kernel (8 µs per call on an H200 in the decoding
+        engine), where compiled code fuses the reduction with its neighbours."""
         x = hidden / self.config.router_temperature
         if not all(isinstance(r.net, nn.Linear) for r in routers):
             return torch.stack([r(x).squeeze(-1) for r in routers], -1)
         weight = torch.cat([r.net.weight for r in routers])
-        bias = None
+        logits = (x[..., None, :] * weight).sum(-1).float()
         if any(r.net.bias is not None for r in routers):
-            bias = torch.cat([r.net.weight.new_zeros(1) if r.net.bias is None else r.net.bias for r in routers])
-        return F.linear(x, weight, bias).float()
+            logits = logits + torch.cat([r.net.weight.new_zeros(1) if r.net.bias is None else r.net.bias
+                                         for r in routers]).float()
+        return logits
 
     @staticmethod
     def gated_update(gate: Tensor, block_out: Tensor) -> Tensor:
