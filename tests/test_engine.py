@@ -105,14 +105,20 @@ def test_the_scheduler_budgets_from_a_snapshot_of_the_pool_not_the_live_counts()
     assert_matches_generate(model, out, prompts(lengths), new_tokens)
 
 
-@pytest.mark.parametrize("prompt_length, new_tokens", [(1, 7), (4, 4), (2, 5)])
-def test_the_default_pool_serves_a_request_as_long_as_the_context(prompt_length, new_tokens):
-    # The budget counted room for one entry past the context, which the pool never gives a stream: a request of
-    # the full context did not fit the worst-case pool and was refused.
-    model = make_decisive("expert")
-    engine = Engine(model, max_batch_slots=1, max_seq_len=8, page_size=4, window=1)
-    out = engine.generate([[5] * prompt_length], new_tokens)
-    assert_matches_generate(model, out, [[5] * prompt_length], [new_tokens])
+@pytest.mark.parametrize("variant", ["expert", "token", "recursive_cycle"])
+def test_the_default_pool_serves_requests_as_long_as_the_context_without_preempting(variant):
+    # The budget counted room for an entry past the context, which the pool never gives a stream, and took a
+    # stream's pages to be ceil(entries / page size) where the room kept ahead is a page more: the worst-case
+    # pool refused a single request of the full context, or preempted.
+    model = make_decisive(variant)
+    for length in range(1, 8):
+        engine = Engine(model, max_batch_slots=1, max_seq_len=8, page_size=4, window=1)
+        out = engine.generate(prompts((length,)), 8 - length)
+        assert_matches_generate(model, out, prompts((length,)), [8 - length])
+    engine = Engine(model, max_batch_slots=2, max_seq_len=8, page_size=4, window=1)
+    out = engine.generate(prompts((4, 3)), [4, 5])
+    assert out.stats.preemptions == 0
+    assert_matches_generate(model, out, prompts((4, 3)), [4, 5])
 
 
 def test_after_a_failure_cancelling_everything_gives_a_working_engine_again():

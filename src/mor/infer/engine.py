@@ -361,7 +361,7 @@ class Engine:
 
     def _collect(self, window: Window) -> list[RequestOutput]:
         status: WindowStatus = self.runner.collect(window)
-        self.scheduler.report(status.counts, status.free_pages)
+        self.scheduler.report(status.counts, status.held, status.free_pages)
         now = time.perf_counter()
         outputs: dict[int, RequestOutput] = {}
         running = self.scheduler.running
@@ -392,10 +392,12 @@ class Engine:
         return list(outputs.values())
 
     def _refresh(self) -> None:
-        """Read the pool's counts and free pages directly (a synchronisation; only with no window in flight)."""
-        pool = self.cache.pool
-        # A copy: on the CPU, .cpu() would hand the scheduler the live counts, which the next window changes.
-        self.scheduler.refresh(pool.counts[:, : self.max_requests].cpu().numpy().copy(), pool.free_pages())
+        """Read the pool's counts, pages held and free pages directly (a synchronisation; only with no window in
+        flight)."""
+        pool, rows = self.cache.pool, self.max_requests
+        # Copies: on the CPU, .cpu() would hand the scheduler the live tensors, which the next window changes.
+        self.scheduler.refresh(pool.counts[:, :rows].cpu().numpy().copy(), pool.held[:, :rows].cpu().numpy().copy(),
+                               pool.free_pages())
 
     def _preempt(self) -> None:
         if self.scheduler.stale:

@@ -121,13 +121,14 @@ class Window:
 @dataclass
 class WindowStatus:
     """What the host learns after a window: every sampled token in order (row, token, depth), each row's phase,
-    the entry counts [streams, rows] and the free pages."""
+    the entry counts and the pages held [streams, rows], and the free pages."""
 
     rows: np.ndarray
     tokens: np.ndarray
     depths: np.ndarray
     phase: np.ndarray
     counts: np.ndarray
+    held: np.ndarray
     free_pages: int
 
 
@@ -198,14 +199,14 @@ class Runner:
         self.eos_ids: frozenset[int] = frozenset()
         self.counters = torch.zeros(4, dtype=torch.long, device=device)
 
-        # The status buffer: the token log of a window, then phases, counts and pool scalars.
+        # The status buffer: the token log of a window, then phases, entry counts, pages held and pool scalars.
         streams = self.pool.num_streams
         kmax, t = self.window_sizes[-1], self.tail_slots
-        sizes = [kmax * 3 * t, rows, streams * rows, 2]
+        sizes = [kmax * 3 * t, rows, 2 * streams * rows, 2]
         self.status = torch.zeros(sum(sizes), dtype=torch.long, device=device)
-        log, phase, counts, scalars = self.status.split(sizes)
+        log, phase, pairs, scalars = self.status.split(sizes)
         self._log, self._status_phase = log.view(kmax, 3, t), phase
-        self._status_counts, self._status_scalars = counts.view(streams, rows), scalars
+        self._status_pairs, self._status_scalars = pairs.view(2, streams, rows), scalars
 
         expert = inner.expert
         self.full_capacity = None if expert is None else torch.tensor(expert.full_capacity(), device=device)
@@ -332,8 +333,9 @@ class Runner:
             raise RuntimeError("the KV page pool ran dry inside a decoding window; this is a bug in the engine's "
                                "page budget")
         order = log[:, 0].flatten() >= 0
+        counts, held = rest[rows: rows + 2 * streams * rows].reshape(2, streams, rows)
         return WindowStatus(log[:, 0].flatten()[order], log[:, 1].flatten()[order], log[:, 2].flatten()[order],
-                            rest[:rows], rest[rows: rows + streams * rows].reshape(streams, rows), int(top))
+                            rest[:rows], counts, held, int(top))
 
     def capture(self, modes: tuple[str, ...]) -> None:
         """Compile and capture the CUDA graph of every window size in ``modes`` (the engine calls this while no
@@ -372,7 +374,7 @@ class Runner:
         for i in range(size):
             self._log[i].copy_(self._iteration(mode))
         self._status_phase.copy_(self.ints[: self.rows, PHASE])
-        self._status_counts.copy_(self.pool.counts[:, : self.rows])
+        self._status_pairs.copy_(torch.stack([self.pool.counts[:, : self.rows], self.pool.held[:, : self.rows]]))
         self._status_scalars.copy_(torch.stack([self.pool.top, self.pool.overflow.long()]))
 
     def _iteration(self, mode: str) -> Tensor:

@@ -1,11 +1,12 @@
 """The engine's host policy: which requests hold rows, how many iterations the device runs alone, whom to preempt.
 
 The device allocates KV pages by itself (:class:`mor.infer.page_pool.PagePool`), so the scheduler's job is to
-keep that safe: before it lets the device run a window of K iterations it checks, from the entry counts and free
-pages of the last status it read, that the pool holds enough pages for everything that may happen until then.
-A row appends at most one entry per stream per iteration and keeps room for one more, so a row with ``c`` entries
-in a stream takes at most ``min(ceil((c + k + 1) / P), M) - ceil(c / P)`` new pages there in ``k`` iterations
-(``M``: the pages a stream of one request holds at most, as the pool never gives it more). Rows
+keep that safe: before it lets the device run a window of K iterations it checks, from the entry counts, pages
+held and free pages of the last status it read, that the pool holds enough pages for everything that may happen
+until then. A row appends at most one entry per stream per iteration and keeps room for one more, so a row with
+``c`` entries and ``h`` pages in a stream takes at most ``max(min(ceil((c + k + 1) / P), M) - h, 0)`` new pages
+there in ``k`` iterations (``M``: the pages a stream of one request holds at most, as the pool never gives it
+more; ``h`` can exceed ``ceil(c / P)`` by the page of room taken ahead). Rows
 admitted since that status are bounded by their prefilled length instead. When even one iteration does not fit,
 the youngest request is preempted: its pages are freed and it is recomputed later from its prompt and the
 tokens it generated so far.
@@ -62,6 +63,7 @@ class Scheduler:
         self.running: dict[int, Request] = {}
         self.free_rows = list(range(rows - 1, -1, -1))
         self.counts = np.zeros((num_streams, rows), dtype=np.int64)  # entries per (stream, row), last status
+        self.held = np.zeros_like(self.counts)  # pages per (stream, row), last status
         self.free_pages = num_pages  # free pages at the last status
         # Epochs order what the device has seen: each window launched, and each direct read of the pool, starts
         # a new one; a status describes the requests that entered before its epoch.
@@ -75,8 +77,7 @@ class Scheduler:
     def _growth(self, steps: int) -> int:
         """Pages the running rows may take in ``steps`` more iterations, counted from the last status."""
         known = [r.row for r in self.running.values() if self.describes(r)]
-        counts = self.counts[:, known]
-        pages = (self._pages_for(counts + steps + 1) + (-counts // self.page_size)).sum()  # minus ceil(c / size)
+        pages = np.maximum(self._pages_for(self.counts[:, known] + steps + 1) - self.held[:, known], 0).sum()
         fresh = [len(r.sequence) - 1 for r in self.running.values() if not self.describes(r)]
         pages += sum(self.num_streams * self._pages_for(n + steps + 1) for n in fresh)
         return int(pages)
@@ -127,25 +128,25 @@ class Scheduler:
         self.in_flight.append((size, self.epoch))
         self.epoch += 1
 
-    def report(self, counts: np.ndarray, free_pages: int) -> None:
+    def report(self, counts: np.ndarray, held: np.ndarray, free_pages: int) -> None:
         """The status of the oldest window in flight has been read."""
         _, epoch = self.in_flight.popleft()
-        self._update(counts, free_pages, epoch)
+        self._update(counts, held, free_pages, epoch)
 
-    def refresh(self, counts: np.ndarray, free_pages: int) -> None:
-        """Counts and free pages read from the pool itself, with no window in flight."""
+    def refresh(self, counts: np.ndarray, held: np.ndarray, free_pages: int) -> None:
+        """Counts, pages held and free pages read from the pool itself, with no window in flight."""
         assert not self.in_flight
-        self._update(counts, free_pages, self.epoch)
+        self._update(counts, held, free_pages, self.epoch)
         self.epoch += 1
 
     def reset(self) -> None:
         """Nothing in flight and an empty pool (after the engine dropped every request and reset the pool)."""
         assert not self.running and not self.waiting
         self.in_flight.clear()
-        self.refresh(np.zeros_like(self.counts), self.num_pages)
+        self.refresh(np.zeros_like(self.counts), np.zeros_like(self.held), self.num_pages)
 
-    def _update(self, counts: np.ndarray, free_pages: int, epoch: int) -> None:
-        self.counts, self.free_pages = counts, free_pages
+    def _update(self, counts: np.ndarray, held: np.ndarray, free_pages: int, epoch: int) -> None:
+        self.counts, self.held, self.free_pages = counts, held, free_pages
         self.described = epoch + 1
 
     @property
