@@ -40,6 +40,9 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.client_processes < 1:
+        parser.error(f"--client-processes must be at least 1, got {args.client_processes}")
     args.clients = args.clients or 2 * args.batch
     shared = Path(os.environ.get("MOR_DATA_DIR", ROOT.parent / "shared" / "data"))
     use_shared = (shared / "corpus" / "prose-val.jsonl.xz").is_file() and not quick_cpu
@@ -220,43 +225,57 @@ def drive(url: str, name: str, requests: list[tuple[list[int], int]], rate: floa
     """Poisson arrivals at ``rate`` requests/s, or (``rate`` None) a closed loop of ``clients`` clients, from
     ``processes`` client processes (every ``processes``-th request each): one Python process of ``openai`` streaming
     clients tops out at a couple of hundred requests/s, below what the server takes."""
+    busy = len(requests) if rate else min(len(requests), clients)  # more processes would have nothing to do
+    processes = max(1, min(processes, busy))
     arrivals = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, len(requests))) if rate else \
         np.zeros(len(requests))
     shards: list[Shard] = [[(i, float(arrivals[i]), *requests[i]) for i in range(k, len(requests), processes)]
                            for k in range(processes)]
     loops = [clients // processes + (k < clients % processes) for k in range(processes)]
     if processes == 1:
-        return asyncio.run(_drive_shard(url, name, shards[0], rate is not None, loops[0], seed, time.perf_counter()))
+        return asyncio.run(_drive_shard(url, name, shards[0], rate is not None, loops[0], seed, time.perf_counter))
     context = multiprocessing.get_context("spawn")  # the parent may hold a CUDA context, which fork cannot share
-    ready, begin = context.Barrier(processes + 1), context.Value("d", 0.0)
-    with context.Pool(processes, _client_start, (ready, begin)) as pool:
-        pending = [pool.apply_async(_client_process, (url, name, shard, rate is not None, n, seed))
+    ready, go, begin = context.Barrier(processes + 1), context.Barrier(processes + 1), context.Value("d", 0.0)
+    with ProcessPoolExecutor(processes, context, _client_start, (ready, go, begin)) as pool:
+        pending = [pool.submit(_client_process, url, name, shard, rate is not None, n, seed)
                    for shard, n in zip(shards, loops)]
-        begin.value = time.perf_counter() + 0.1  # CLOCK_MONOTONIC: one clock for every process
-        ready.wait(timeout=300)  # every process has imported what it needs and waits for the start
-        return [sample for job in pending for sample in job.get()]
+        ready.wait(timeout=START_TIMEOUT)  # every process has its client and waits for the start
+        begin.value = time.perf_counter() + 0.05  # CLOCK_MONOTONIC: one clock for every process
+        go.wait(timeout=START_TIMEOUT)
+        return [sample for job in pending for sample in job.result()]
 
 
-_start: tuple = ()  # a client process's start barrier and start time, from the parent
+START_TIMEOUT = 300  # seconds a client process may take to start
+_start: tuple = ()  # a client process's start barriers and start time, from the parent
 
 
-def _client_start(ready, begin) -> None:
+def _client_start(ready, go, begin) -> None:
     global _start
-    _start = (ready, begin)
+    _start = (ready, go, begin)
 
 
 def _client_process(url: str, name: str, shard: Shard, poisson: bool, loops: int, seed: int) -> list[Sample]:
-    ready, begin = _start
-    ready.wait(timeout=300)
-    return asyncio.run(_drive_shard(url, name, shard, poisson, loops, seed, begin.value))
+    ready, go, begin = _start
+
+    def start() -> float:
+        ready.wait(timeout=START_TIMEOUT)
+        go.wait(timeout=START_TIMEOUT)
+        return begin.value
+
+    try:
+        return asyncio.run(_drive_shard(url, name, shard, poisson, loops, seed, start))
+    except BaseException:  # the client's own exceptions do not survive the trip back to the parent
+        raise RuntimeError(f"a client process failed:\n{traceback.format_exc()}") from None
 
 
 async def _drive_shard(url: str, name: str, shard: Shard, poisson: bool, loops: int, seed: int,
-                       begin: float) -> list[Sample]:
+                       start: Callable[[], float]) -> list[Sample]:
+    """Drive ``shard`` once ``start`` (blocking) returns the start time."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
     try:
+        begin = start()
         await asyncio.sleep(max(0.0, begin - time.perf_counter()))
         if poisson:
             async def arrive(i: int, at: float, prompt: list[int], n: int) -> Sample:
