@@ -353,7 +353,13 @@ class MoRForCausalLM(nn.Module):
         """Regional compilation: ``torch.compile`` each decoder layer on its own, and the head with the loss.
         The layers share their code, so one layer is compiled (once per attention form: causal, or masked for
         gathered tokens) however deep the model; routing, gathers and scatters between them run eagerly. Compiles
-        in a fraction of the whole model's time."""
+        in a fraction of the whole model's time. The layer's code is compiled once per form it meets (training or
+        evaluation, with or without gradients, causal or masked, static or dynamic lengths): a token-choice model
+        with KV sharing reaches 8, Dynamo's default limit, past which it would run eagerly without a word, so the
+        limit is raised to 32 for this process."""
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older PyTorch
+        setattr(config, limit, max(getattr(config, limit), 32))
         for layer in self.model.layers:
             layer.compile(**kwargs)
         self._next_token_loss = torch.compile(next_token_loss, **kwargs)
