@@ -7,7 +7,8 @@ kernels of a short run.
 
 Builds the model as ``decode_throughput.py`` does (calibrated routers for MoR), warms the engine up, then serves
 ``--requests`` requests twice: once timing the host's parts of each round trip and the device time of each window
-(CUDA events), once under ``torch.profiler`` to list the kernels that take the GPU's time.
+(CUDA events), once under ``torch.profiler`` to list the kernels that take the GPU's time, and their time and
+launches per iteration by kind (matrix products, attention, Inductor's generated kernels, copies).
 """
 
 from __future__ import annotations
@@ -90,8 +91,36 @@ def main() -> None:
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
-        engine.generate(prompts, lengths, do_sample=True, seed=0)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
+        iterations = engine.generate(prompts, lengths, do_sample=True, seed=0).stats.iterations
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=args.rows))
+    print_kernel_summary(events, iterations)
+
+
+KINDS = (("generated (fused)", ("triton_",)), ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+         ("attention", ("paged_decode", "flash", "fmha", "attention")), ("copies", ("memcpy", "memset")))
+
+
+def kind_of(kernel: str) -> str:
+    """A kernel's kind from its name; Inductor's generated kernels first (their names list the ops they fuse)."""
+    name = kernel.lower()
+    return next((kind for kind, marks in KINDS if any(mark in name for mark in marks)), "other")
+
+
+def print_kernel_summary(events, iterations: int) -> None:
+    """Kernel time and launches per iteration, by kind (every kernel, not only the table's rows)."""
+    time: dict[str, float] = defaultdict(float)
+    launches: dict[str, int] = defaultdict(int)
+    for event in events:
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kind = kind_of(event.key)
+            time[kind] += event.self_device_time_total  # microseconds
+            launches[kind] += event.count
+    per = max(iterations, 1)
+    print(f"kernels per iteration ({iterations} iterations): {sum(time.values()) / per:.1f} us in "
+          f"{sum(launches.values()) / per:.1f} launches")
+    for kind in sorted(time, key=time.get, reverse=True):
+        print(f"  {kind:<16} {time[kind] / per:>8.1f} us {launches[kind] / per:>7.1f} launches")
 
 
 if __name__ == "__main__":
