@@ -50,8 +50,9 @@ def main() -> None:
     model, source = build(Spec(args.shape, args.model, config, "vanilla"), "cuda", torch.bfloat16, args)
     lengths = generation_lengths(args.requests, args.mean_tokens, args.mean_tokens / 8, 0)
     graphs = not args.no_cuda_graphs
-    engine = Engine(model, max_batch_slots=args.batch, max_seq_len=1 + args.prompt_tokens + max(lengths), cuda_graphs=graphs,
-                    compile=graphs and not args.no_compile, kernel=not args.no_kernel, window=args.window,
+    engine = Engine(model, max_batch_slots=args.batch, max_seq_len=1 + args.prompt_tokens + max(lengths),
+                    cuda_graphs=graphs, compile=graphs and not args.no_compile, kernel=not args.no_kernel,
+                    window=args.window,
                     tail_slots=args.tail_slots, loop_prompt_tokens=args.loop_prompt_tokens)
     generator = torch.Generator().manual_seed(0)
     prompts = [[model.config.bos_token_id or 0] + torch.randint(
