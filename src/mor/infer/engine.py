@@ -332,15 +332,17 @@ class Engine:
             return
         modes = {self.mode_of(r.params) for r in self.scheduler.running.values()}
         self._mode = "filter" if "filter" in modes else "sample" if "sample" in modes else "greedy"
-        looped = {r.row for r in admitted if 1 < len(r.sequence) <= self.loop_prompt_tokens}
-        self._prefill([r for r in admitted if len(r.sequence) > 1 and r.row not in looped])
+        looped = [len(r.sequence) <= self.loop_prompt_tokens for r in admitted]
+        self._prefill([r for r, loop in zip(admitted, looped) if len(r.sequence) > 1 and not loop])
         vocab = self.model.config.vocab_size
-        # A looped request enters its first token and feeds the rest; a prefilled one enters its last.
-        columns = [(r.row, r.sequence[0] if r.row in looped else r.sequence[-1],
-                    0 if r.row in looped else len(r.sequence) - 1, r.max_new - len(r.tokens), len(r.tokens),
-                    0.0 if r.params.greedy else r.params.temperature, r.params.top_k or vocab,
-                    r.params.top_p or 1.0, r.seed, r.steps, r.sequence[1:] if r.row in looped else [])
-                   for r in admitted]
+        columns = []
+        for r, loop in zip(admitted, looped):
+            # A looped request enters its first token and feeds the rest; a prefilled one enters its last.
+            token, position, feed = (r.sequence[0], 0, r.sequence[1:]) if loop else \
+                (r.sequence[-1], len(r.sequence) - 1, [])
+            columns.append((r.row, token, position, r.max_new - len(r.tokens), len(r.tokens),
+                            0.0 if r.params.greedy else r.params.temperature, r.params.top_k or vocab,
+                            r.params.top_p or 1.0, r.seed, r.steps, feed))
         self.runner.enter(*map(list, zip(*columns)))
 
     def _prefill(self, requests: list[Request]) -> None:

@@ -150,7 +150,7 @@ class ExpertChoice(nn.Module):
         """Logits [N, Nr] of every router on every token; linear routers as one reduction (with their biases,
         where a router was given one, e.g. to calibrate its exits). A reduction rather than a matrix product: with
         a handful of outputs a product runs as a general GEMM kernel (8 µs per call on an H200 in the decoding
-        engine), where compiled code fuses the reduction with its neighbours."""
+        engine), where compiled code can fuse a reduction with its neighbours."""
         x = hidden / self.config.router_temperature
         if not all(isinstance(r.net, nn.Linear) for r in routers):
             return torch.stack([r(x).squeeze(-1) for r in routers], -1)
