@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--no-kernel", action="store_true")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--rows", type=int, default=25, help="rows of the kernel table")
+    parser.add_argument("--trace", action="store_true",
+                        help="also list one iteration's kernels in launch order, with the gap before each")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("profiling the engine needs a CUDA device")
@@ -96,6 +98,8 @@ def main() -> None:
     events = prof.key_averages()
     print(events.table(sort_by="cuda_time_total", row_limit=args.rows))
     print_kernel_summary(events, iterations)
+    if args.trace:
+        print_iteration_trace(engine)
 
 
 KINDS = (("generated (fused)", ("triton_",)), ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
@@ -122,6 +126,25 @@ def print_kernel_summary(events, iterations: int) -> None:
           f"{sum(launches.values()) / per:.1f} launches")
     for kind in sorted(time, key=time.get, reverse=True):
         print(f"  {kind:<16} {time[kind] / per:>8.1f} us {launches[kind] / per:>7.1f} launches")
+
+
+def print_iteration_trace(engine: Engine) -> None:
+    """One window of one iteration (replayed on idle rows: the same kernels, shorter attention), kernel by kernel
+    in launch order, so that each kernel can be traced back to the code that launches it."""
+    runner = engine.runner
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        runner.wait(runner.launch(1, "sample"))
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    print(f"one iteration, kernel by kernel ({len(kernels)} kernels):")
+    print(f"  {'start us':>9} {'gap us':>7} {'time us':>8}  kernel")
+    first, end = kernels[0].time_range.start, kernels[0].time_range.start
+    for e in kernels:
+        start = e.time_range.start
+        print(f"  {start - first:>9.1f} {start - end:>7.1f} {e.time_range.elapsed_us():>8.1f}  {e.name[:110]}")
+        end = e.time_range.end
+    busy = sum(e.time_range.elapsed_us() for e in kernels)
+    print(f"  {busy:.1f} us of kernels in {end - first:.1f} us")
 
 
 if __name__ == "__main__":

@@ -16,15 +16,22 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from mor import MoRConfig, MoRForCausalLM
 from mor.data import prepare, train_tokenizer
+from mor.infer.kernel_support import kernel_available
 from mor.train import TrainConfig, config_from_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
+
+# The Triton kernels run on a GPU, or on the CPU under TRITON_INTERPRET=1 (test_kernels_interpreted.py does that)
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(not kernel_available(torch.device(KERNEL_DEVICE)),
+                                   reason="needs a CUDA device with Triton, or TRITON_INTERPRET=1 with Triton")
 
 
 def shared_data_dir() -> Path:

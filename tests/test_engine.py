@@ -56,8 +56,9 @@ def test_cuda_graphs_and_the_paged_kernel_generate_what_generate_does_on_the_gpu
         out = engine.generate(prompts(), NEW_TOKENS)
         assert_matches_generate(model, out, prompts(), NEW_TOKENS)
     assert engine.cache.pages_in_use() == 0
-    sampled = [engine.generate(prompts(), NEW_TOKENS, do_sample=True, top_p=0.8, seed=3) for _ in range(2)]
-    assert [r.tokens for r in sampled[0].results] == [r.tokens for r in sampled[1].results]
+    for filters in (dict(top_p=0.8), {}):  # a draw with filters, and one by the fused sampling kernel
+        sampled = [engine.generate(prompts(), NEW_TOKENS, do_sample=True, seed=3, **filters) for _ in range(2)]
+        assert [r.tokens for r in sampled[0].results] == [r.tokens for r in sampled[1].results]
 
 
 @pytest.mark.parametrize("loop", [0, 64], ids=["prefilled", "looped"])

@@ -2,6 +2,7 @@
 depends on nothing but its seed and counter."""
 
 import torch
+from helpers import KERNEL_DEVICE, needs_kernels
 
 from mor.infer import sampling
 from mor.infer.sampling import argmax_rows, gumbel_of_bits, sample_rows
@@ -80,3 +81,26 @@ def test_the_largest_noise_a_draw_can_meet_does_not_pick_a_far_lower_token():
             torch.tensor([counter]))
     assert sample_rows(*args, "sample").item() == 0
     assert sample_rows(*args, "filter").item() == 0
+
+
+@needs_kernels
+def test_the_fused_kernel_draws_the_same_tokens_as_the_reference():
+    """:func:`sampling.gumbel_argmax` equals :func:`sample_rows`'s PyTorch path bit for bit: the same noise, the
+    same ties (first index), greedy rows among sampled ones, and a vocabulary that is no multiple of the chunk."""
+    generator = torch.Generator().manual_seed(0)
+    n, vocab = 24, 5000
+    logits = (torch.randn(n, vocab, generator=generator) * 3).to(torch.bfloat16)
+    logits[3, [100, 2100, 4999]] = 40.0  # a tie across chunks: the first index wins
+    logits[4, 4999] = 40.0  # the last column
+    temperature = torch.rand(n, generator=generator) + 0.3
+    temperature[:3] = 0.0
+    seed, counter = torch.randint(0, 2**40, (2, n), generator=generator)
+    top_k, top_p = torch.full((n,), vocab), torch.ones(n)
+    reference = {mode: sample_rows(logits, temperature, top_k, top_p, seed, counter, mode) for mode in ("greedy", "sample")}
+    assert reference["greedy"][3] == 100 and reference["greedy"][4] == 4999
+    assert (reference["sample"] != reference["greedy"]).sum() >= n // 2  # the noise matters in this test
+    to = dict(device=KERNEL_DEVICE)
+    for mode, expected in reference.items():
+        got = sample_rows(logits.to(**to), temperature.to(**to), top_k.to(**to), top_p.to(**to), seed.to(**to),
+                          counter.to(**to), mode, kernel=True)
+        assert torch.equal(got.cpu(), expected), mode

@@ -24,11 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU builds of PyTorch come without Triton
-    triton = None
+from mor.infer.kernel_support import kernel_available, tl, triton
 
 
 def gathered_attention(q: Tensor, keys: Tensor, values: Tensor, tables: Tensor, counts: Tensor,
@@ -46,11 +42,6 @@ def gathered_attention(q: Tensor, keys: Tensor, values: Tensor, tables: Tensor, 
     out = F.scaled_dot_product_attention(q[:, :, None], k.to(q.dtype), v.to(q.dtype), attn_mask=valid[:, None, None],
                                          enable_gqa=kv_heads != heads)
     return out[:, :, 0]
-
-
-def kernel_available(device: torch.device) -> bool:
-    """Whether :func:`paged_decode_attention` can run on ``device``."""
-    return triton is not None and device.type == "cuda"
 
 
 if triton is not None:

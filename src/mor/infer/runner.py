@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mor.infer.page_pool import PagedCache
-from mor.infer.paged_attention import gathered_attention, kernel_available, paged_decode_attention
+from mor.infer.kernel_support import kernel_available
+from mor.infer.paged_attention import gathered_attention, paged_decode_attention
 from mor.infer.sampling import SAMPLING_MODES, sample_rows
 from mor.model.layers import DecoderLayer, apply_rotary, rms_norm, swiglu
 from mor.model.routing import RoutingResult
@@ -271,22 +272,29 @@ class Runner:
                 feed[i, feed.shape[1] - len(tokens_to_feed):] = torch.tensor(tokens_to_feed, dtype=torch.long)
         floats = torch.zeros(n, self.floats.shape[1])
         floats[:, TEMPERATURE], floats[:, TOP_P] = torch.tensor(temperature), torch.tensor(top_p)
-        index = torch.tensor(rows).to(self.device, non_blocking=True)
-        ints = ints.to(self.device, non_blocking=True)
+        index = self._upload(torch.tensor(rows))
+        ints = self._upload(ints)
         ints[:, AGE] = self.counters[CLOCK]
         self.ints[index] = ints
-        self.floats[index] = floats.to(self.device, non_blocking=True)
-        self.feed[index] = feed.to(self.device, non_blocking=True)
+        self.floats[index] = self._upload(floats)
+        self.feed[index] = self._upload(feed)
 
     def finish(self, rows: list[int]) -> None:
         """Stop the rows' requests (cancelled from the host): they go idle until released."""
-        self.ints[torch.tensor(rows, device=self.device), PHASE] = DONE
+        self.ints[self._upload(torch.tensor(rows)), PHASE] = DONE
 
     def release(self, rows: list[int]) -> None:
         """Free the rows and their pages for new requests."""
-        index = torch.tensor(rows, device=self.device)
+        index = self._upload(torch.tensor(rows))
         self.pool.release(index)
         self.ints[index, PHASE] = FREE
+
+    def _upload(self, host: Tensor) -> Tensor:
+        """``host`` on the device, without making the host wait: copied from pinned memory (a copy from pageable
+        memory can wait for the work queued before it, here the window in flight)."""
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def launch(self, size: int, mode: str) -> Window:
         """Run a window of ``size`` iterations (a CUDA graph replay when enabled) and start copying its status to
@@ -491,7 +499,7 @@ class Runner:
         state, floats = self.ints[rows], self.floats[rows]
         logits = self.model.lm_head(self.model.model.norm(h))
         token = sample_rows(logits, floats[:, TEMPERATURE], state[:, TOP_K], floats[:, TOP_P], state[:, SEED],
-                            state[:, SAMPLED], mode)
+                            state[:, SAMPLED], mode, self.kernel)
         feed = state[:, FEED]
         feeding = exiting & (feed > 0)
         sampled = exiting & ~feeding

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mor.infer.kernel_support import tl, triton
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -113,11 +115,13 @@ def argmax_rows(x: Tensor, chunk: int = 1024) -> Tensor:
 
 
 def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor, counter: Tensor,
-                mode: str) -> Tensor:
+                mode: str, kernel: bool = False) -> Tensor:
     """One token per row of ``logits`` [N, V] with per-row settings: ``temperature`` 0 is greedy; ``top_k`` (V for
     none) and ``top_p`` (1 for none) filter when ``mode`` is "filter". A draw is the Gumbel-max trick,
-    ``argmax(logits / temperature + noise)`` with :func:`gumbel_noise`: one pass over the vocabulary that the
-    compiler fuses with the greedy choice, no softmax and no cumulative sum."""
+    ``argmax(logits / temperature + noise)`` with :func:`gumbel_noise`: one pass over the vocabulary, no softmax
+    and no cumulative sum. ``kernel``: greedy and unfiltered draws by :func:`gumbel_argmax`, one fused pass (CUDA)."""
+    if kernel and mode != "filter":
+        return gumbel_argmax(logits, temperature, _row_keys(seed, counter), mode == "sample")
     greedy = argmax_rows(logits)
     if mode == "greedy":
         return greedy
@@ -132,3 +136,78 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
         x = x.masked_fill(x < cutoff[:, None], float("-inf"))
     drawn = argmax_rows(x + gumbel_noise(seed, counter, x.shape[-1]))
     return torch.where(temperature > 0, drawn, greedy)
+
+
+# ------------------------------------------------------------------------------------- the fused kernel (Triton)
+if triton is not None:
+
+    @triton.jit
+    def _hash32_kernel(x):
+        """:func:`_hash32` in wrapping 32-bit unsigned arithmetic: the same bits."""
+        x = ((x >> 16) ^ x) * 0x45D9F3B
+        x = ((x >> 16) ^ x) * 0x45D9F3B
+        return (x >> 16) ^ x
+
+    @triton.jit
+    def _chunk_argmax_kernel(logits_ptr, temperature_ptr, keys_ptr, best_ptr, index_ptr, vocab, stride, chunks,
+                             SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (row, chunk): the largest logit of the chunk, and with SAMPLE the largest
+        ``logit / temperature + noise``, each with its first column."""
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        columns = chunk * BLOCK + tl.arange(0, BLOCK)
+        valid = columns < vocab
+        x = tl.load(logits_ptr + row * stride + columns, mask=valid, other=float("-inf")).to(tl.float32)
+        out = (row * chunks + chunk) * 2
+        best, index = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(best_ptr + out, best)
+        tl.store(index_ptr + out, chunk * BLOCK + index)
+        if SAMPLE:
+            key = tl.load(keys_ptr + row).to(tl.uint32)
+            bits = _hash32_kernel(_hash32_kernel(key ^ columns.to(tl.uint32)) ^ key) >> 9
+            u = (bits.to(tl.float32) + 0.5) / 8388608.0
+            scale = tl.maximum(tl.load(temperature_ptr + row), 1e-6)
+            y = tl.where(valid, x / scale - tl.log(-tl.log(u)), float("-inf"))
+            best, index = tl.max(y, 0, return_indices=True, return_indices_tie_break_left=True)
+            tl.store(best_ptr + out + 1, best)
+            tl.store(index_ptr + out + 1, chunk * BLOCK + index)
+
+    @triton.jit
+    def _pick_kernel(best_ptr, index_ptr, temperature_ptr, token_ptr, chunks, SAMPLE: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        """Program (row): the best chunk, first among ties, of the greedy or (temperature > 0) the drawn pass."""
+        row = tl.program_id(0)
+        which = 0
+        if SAMPLE:
+            which = (tl.load(temperature_ptr + row) > 0).to(tl.int32)
+        at = (row * chunks + tl.arange(0, BLOCK)) * 2 + which
+        valid = tl.arange(0, BLOCK) < chunks
+        best = tl.load(best_ptr + at, mask=valid, other=float("-inf"))
+        _, chunk = tl.max(best, 0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(token_ptr + row, tl.load(index_ptr + (row * chunks + chunk) * 2 + which).to(tl.int64))
+
+
+@torch.library.custom_op("mor::gumbel_argmax", mutates_args=())
+def gumbel_argmax(logits: Tensor, temperature: Tensor, keys: Tensor, sample: bool) -> Tensor:
+    """What :func:`sample_rows` returns in mode "sample" (``sample``) or "greedy", given the rows' noise keys
+    (:func:`_row_keys`), in two Triton kernels: each (row, chunk of the vocabulary) finds its largest logit and
+    its largest noisy one in one pass, then each row picks its best chunk. Ties go to the first index, as in
+    :func:`argmax_rows`."""
+    n, vocab = logits.shape
+    token = torch.empty(n, dtype=torch.long, device=logits.device)
+    if n == 0:
+        return token
+    block = 2048
+    chunks = triton.cdiv(vocab, block)
+    best = torch.empty(n, chunks, 2, dtype=torch.float32, device=logits.device)
+    index = torch.empty(n, chunks, 2, dtype=torch.int32, device=logits.device)
+    logits, temperature = logits.contiguous(), temperature.float().contiguous()
+    _chunk_argmax_kernel[(n, chunks)](logits, temperature, keys.contiguous(), best, index, vocab, logits.stride(0),
+                                      chunks, SAMPLE=sample, BLOCK=block, num_warps=8)
+    _pick_kernel[(n,)](best, index, temperature, token, chunks, SAMPLE=sample,
+                       BLOCK=max(16, triton.next_power_of_2(chunks)), num_warps=1)
+    return token
+
+
+@gumbel_argmax.register_fake
+def _(logits: Tensor, temperature: Tensor, keys: Tensor, sample: bool) -> Tensor:
+    return logits.new_empty(logits.shape[0], dtype=torch.long)
