@@ -1,13 +1,14 @@
 """Serving under load: ``mor serve`` against the engine's offline throughput on the same requests.
 
-For each model the benchmark first serves the whole workload offline (``Engine.generate``, every request queued at
-once: the ceiling), then starts a real ``mor serve`` process on 127.0.0.1 with the same engine settings and drives
+For each model the benchmark first serves the closed loop's requests offline (``Engine.generate``, every request
+queued at once: the ceiling), then starts a real ``mor serve`` process on 127.0.0.1 with the same engine settings and drives
 it with the official ``openai`` client, streaming:
 
 - **Poisson arrivals** at each of ``--rates`` requests/s;
 - a **closed loop** of ``--clients`` clients (default twice the batch), each sending its next request when the
-  last one ends: the batch-saturating load, whose throughput is set against the offline one (``vs_offline``;
-  the target is >= 0.9).
+  last one ends, over ``--closed-requests`` requests (default 8 per client, so that ramp-up and drain weigh
+  little): the batch-saturating load, whose throughput is set against the offline one (``vs_offline``; the
+  target is >= 0.9).
 
 Requests come from a corpus: a paragraph of a document is the prompt (token ids, cut to ``--max-prompt``) and the
 token count of the next paragraph is the output length (clipped to [16, ``--max-output``]). The default corpus is
@@ -73,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=None, help="requests per load point (default 400)")
     parser.add_argument("--rates", default=None, help="Poisson arrival rates, requests/s (default 4,8,16,32,64)")
     parser.add_argument("--clients", type=int, default=None, help="closed-loop clients (default 2 x --batch)")
+    parser.add_argument("--closed-requests", type=int, default=None,
+                        help="requests of the closed loop and of the offline run it is compared with (default 8 x "
+                             "--clients, so that ramp-up and drain are a small part of the run)")
     parser.add_argument("--client-processes", type=int, default=None,
                         help="processes the clients are spread over (default 4; CPU quick 1)")
     parser.add_argument("--max-prompt", type=int, default=None, help="prompt tokens at most (default 256)")
@@ -100,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.client_processes < 1:
         parser.error(f"--client-processes must be at least 1, got {args.client_processes}")
     args.clients = args.clients or 2 * args.batch
+    args.closed_requests = args.closed_requests or (2 if quick_cpu else 8) * args.clients
     shared = Path(os.environ.get("MOR_DATA_DIR", ROOT.parent / "shared" / "data"))
     use_shared = (shared / "corpus" / "prose-val.jsonl.xz").is_file() and not quick_cpu
     args.corpus = args.corpus or (shared / "corpus" / "prose-val.jsonl.xz" if use_shared
@@ -117,7 +122,8 @@ def workload(args: argparse.Namespace, tokenizer: TextTokenizer) -> list[tuple[l
         paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
         pairs += zip(paragraphs, paragraphs[1:])
     rng = np.random.default_rng(args.seed)
-    chosen = [pairs[i] for i in rng.permutation(len(pairs))[: args.requests]]
+    count = max(args.requests, args.closed_requests)
+    chosen = [pairs[i] for i in rng.permutation(len(pairs))[:count]]
     encoded = tokenizer.encode_batch([p for pair in chosen for p in pair])
     out = []
     for prompt, following in zip(encoded[::2], encoded[1::2]):
@@ -125,7 +131,7 @@ def workload(args: argparse.Namespace, tokenizer: TextTokenizer) -> list[tuple[l
             out.append((prompt[: args.max_prompt], int(np.clip(len(following), MIN_OUTPUT, args.max_output))))
     if not out:
         raise ValueError(f"{args.corpus} has no paragraphs to make requests of")
-    return [out[i % len(out)] for i in range(args.requests)]
+    return [out[i % len(out)] for i in range(count)]
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -346,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
                 torch=torch.__version__, shape=args.shape, batch=args.batch, clients=args.clients,
                 client_processes=args.client_processes,
-                requests=args.requests, corpus=str(args.corpus), tokenizer=str(args.tokenizer),
+                requests=args.requests, closed_requests=args.closed_requests, corpus=str(args.corpus), tokenizer=str(args.tokenizer),
                 mean_prompt=float(np.mean([len(p) for p, _ in requests])),
                 mean_output=float(np.mean([n for _, n in requests])), command=" ".join(sys.argv))
     results: list[dict] = []
@@ -355,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         torch.compiler.reset()
         model = build(name, args, tokenizer.vocab_size).to(dtype_of(args))
-        base = offline(model, requests, args)
+        closed = requests[: args.closed_requests]
+        base = offline(model, closed, args)
         del model
         row = dict(model=name, load="offline", **base)
         results.append(row)
@@ -369,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             loads = [(f"poisson {rate:g}/s", float(rate)) for rate in map(float, args.rates.split(","))]
             for label, rate in [*loads, (f"closed {args.clients}", None)]:
                 before = server_ttft(server.url)
-                stats = summarise(drive(server.url, name, requests, rate, args.clients, args.seed,
+                work = requests[: args.requests] if rate else closed
+                stats = summarise(drive(server.url, name, work, rate, args.clients, args.seed,
                                         args.client_processes))
                 after = server_ttft(server.url)
                 row = dict(model=name, load=label, rate=rate, **stats,
