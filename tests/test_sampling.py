@@ -85,7 +85,7 @@ def test_the_largest_noise_a_draw_can_meet_does_not_pick_a_far_lower_token():
 
 @needs_kernels
 def test_the_fused_kernel_draws_the_same_tokens_as_the_reference():
-    """:func:`sampling.gumbel_argmax` equals :func:`sample_rows`'s PyTorch path bit for bit: the same noise, the
+    """:func:`sampling.gumbel_argmax` draws :func:`sample_rows`'s PyTorch-path tokens: the same noise, the
     same ties (first index), greedy rows among sampled ones, and a vocabulary that is no multiple of the chunk."""
     generator = torch.Generator().manual_seed(0)
     n, vocab = 24, 5000

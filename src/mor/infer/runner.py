@@ -148,7 +148,9 @@ class Runner:
         self.rows, self.idle = rows, rows
         self.block_slots, self.tail_slots = min(block_slots, rows), min(tail_slots, rows)
         self.window_sizes = tuple(sorted(window_sizes))
-        self.cuda_graphs, self.kernel = cuda_graphs, kernel and kernel_available(device)
+        # The Triton kernels on CUDA only: Triton's interpreter (TRITON_INTERPRET=1) would run them on the CPU, slowly
+        self.cuda_graphs = cuda_graphs
+        self.kernel = kernel and device.type == "cuda" and kernel_available(device)
         self.lockstep = lockstep
 
         # Every step a row may run; each row has its own cap (CAP: max_recursions, extra_recursions per request).

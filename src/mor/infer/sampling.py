@@ -191,7 +191,9 @@ def gumbel_argmax(logits: Tensor, temperature: Tensor, keys: Tensor, sample: boo
     """What :func:`sample_rows` returns in mode "sample" (``sample``) or "greedy", given the rows' noise keys
     (:func:`_row_keys`), in two Triton kernels: each (row, chunk of the vocabulary) finds its largest logit and
     its largest noisy one in one pass, then each row picks its best chunk. Ties go to the first index, as in
-    :func:`argmax_rows`."""
+    :func:`argmax_rows`. ``logits``: 16- or 32-bit floats, without NaN (a row with NaN gets some token, not
+    necessarily the first NaN's). On a GPU the division by the temperature is Triton's fast one, so a draw can
+    differ from the PyTorch path's when two noisy scores lie within a few units in the last place."""
     n, vocab = logits.shape
     token = torch.empty(n, dtype=torch.long, device=logits.device)
     if n == 0:
