@@ -1,8 +1,8 @@
 """Serving under load: ``mor serve`` against the engine's offline throughput on the same requests.
 
 For each model the benchmark first serves the closed loop's requests offline (``Engine.generate``, every request
-queued at once: the ceiling), then starts a real ``mor serve`` process on 127.0.0.1 with the same engine settings and drives
-it with the official ``openai`` client, streaming:
+queued at once: the ceiling), then starts a real ``mor serve`` process on 127.0.0.1 with the same engine settings
+and drives it with the official ``openai`` client, streaming:
 
 - **Poisson arrivals** at each of ``--rates`` requests/s;
 - a **closed loop** of ``--clients`` clients (default twice the batch), each sending its next request when the
@@ -101,8 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.client_processes < 1:
-        parser.error(f"--client-processes must be at least 1, got {args.client_processes}")
+    for flag in ("client_processes", "closed_requests"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     args.clients = args.clients or 2 * args.batch
     args.closed_requests = args.closed_requests or (2 if quick_cpu else 8) * args.clients
     shared = Path(os.environ.get("MOR_DATA_DIR", ROOT.parent / "shared" / "data"))
@@ -352,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
                 torch=torch.__version__, shape=args.shape, batch=args.batch, clients=args.clients,
                 client_processes=args.client_processes,
-                requests=args.requests, closed_requests=args.closed_requests, corpus=str(args.corpus), tokenizer=str(args.tokenizer),
+                requests=args.requests, closed_requests=args.closed_requests, corpus=str(args.corpus),
+                tokenizer=str(args.tokenizer),
                 mean_prompt=float(np.mean([len(p) for p, _ in requests])),
                 mean_output=float(np.mean([n for _, n in requests])), command=" ".join(sys.argv))
     results: list[dict] = []

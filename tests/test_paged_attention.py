@@ -1,8 +1,8 @@
 import pytest
 import torch
+from helpers import KERNEL_DEVICE, needs_kernels
 
 from mor.infer.paged_attention import gathered_attention, paged_decode_attention
-from helpers import KERNEL_DEVICE, needs_kernels
 
 PAGE = 4
 

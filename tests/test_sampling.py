@@ -1,6 +1,7 @@
 """The engine's per-row sampler: draws follow the softmax, filters keep only allowed tokens, and a row's draw
 depends on nothing but its seed and counter."""
 
+import pytest
 import torch
 from helpers import KERNEL_DEVICE, needs_kernels
 
@@ -104,3 +105,10 @@ def test_the_fused_kernel_draws_the_same_tokens_as_the_reference():
         got = sample_rows(logits.to(**to), temperature.to(**to), top_k.to(**to), top_p.to(**to), seed.to(**to),
                           counter.to(**to), mode, kernel=True)
         assert torch.equal(got.cpu(), expected), mode
+
+
+def test_the_fused_kernel_says_where_it_cannot_run():
+    if sampling.kernel_available(torch.device("cpu")):
+        pytest.skip("Triton's interpreter runs the kernel on the CPU")
+    with pytest.raises(RuntimeError, match=r"needs Triton and a CUDA device .* kernel=False"):
+        sampling.gumbel_argmax(torch.zeros(2, 8), torch.ones(2), torch.zeros(2, dtype=torch.long), True)

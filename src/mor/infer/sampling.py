@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mor.infer.kernel_support import tl, triton
+from mor.infer.kernel_support import kernel_available, tl, triton
 
 
 @dataclass(frozen=True)
@@ -194,6 +194,9 @@ def gumbel_argmax(logits: Tensor, temperature: Tensor, keys: Tensor, sample: boo
     :func:`argmax_rows`. ``logits``: 16- or 32-bit floats, without NaN (a row with NaN gets some token, not
     necessarily the first NaN's). On a GPU the division by the temperature is Triton's fast one, so a draw can
     differ from the PyTorch path's when two noisy scores lie within a few units in the last place."""
+    if not kernel_available(logits.device):
+        raise RuntimeError(f"gumbel_argmax needs Triton and a CUDA device (logits are on {logits.device}); use "
+                           "sample_rows(..., kernel=False) elsewhere")
     n, vocab = logits.shape
     token = torch.empty(n, dtype=torch.long, device=logits.device)
     if n == 0:
