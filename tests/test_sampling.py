@@ -87,7 +87,8 @@ def test_the_largest_noise_a_draw_can_meet_does_not_pick_a_far_lower_token():
 @needs_kernels
 def test_the_fused_kernel_draws_the_same_tokens_as_the_reference():
     """:func:`sampling.gumbel_argmax` draws :func:`sample_rows`'s PyTorch-path tokens: the same noise, the
-    same ties (first index), greedy rows among sampled ones, and a vocabulary that is no multiple of the chunk."""
+    same ties (first index), greedy rows among sampled ones, seeds past 32 bits, strided per-row settings and a
+    vocabulary that is no multiple of the chunk."""
     generator = torch.Generator().manual_seed(0)
     n, vocab = 24, 5000
     logits = (torch.randn(n, vocab, generator=generator) * 3).to(torch.bfloat16)
@@ -100,10 +101,12 @@ def test_the_fused_kernel_draws_the_same_tokens_as_the_reference():
     reference = {mode: sample_rows(logits, temperature, top_k, top_p, seed, counter, mode) for mode in ("greedy", "sample")}
     assert reference["greedy"][3] == 100 and reference["greedy"][4] == 4999
     assert (reference["sample"] != reference["greedy"]).sum() >= n // 2  # the noise matters in this test
-    to = dict(device=KERNEL_DEVICE)
+    # The per-row settings as the engine passes them: columns of its row-state tensors (strided)
+    ints = torch.stack([seed, counter, top_k], 1).to(KERNEL_DEVICE)
+    floats = torch.stack([temperature, top_p], 1).to(KERNEL_DEVICE)
     for mode, expected in reference.items():
-        got = sample_rows(logits.to(**to), temperature.to(**to), top_k.to(**to), top_p.to(**to), seed.to(**to),
-                          counter.to(**to), mode, kernel=True)
+        got = sample_rows(logits.to(KERNEL_DEVICE), floats[:, 0], ints[:, 2], floats[:, 1], ints[:, 0], ints[:, 1],
+                          mode, kernel=True)
         assert torch.equal(got.cpu(), expected), mode
 
 
@@ -111,4 +114,4 @@ def test_the_fused_kernel_says_where_it_cannot_run():
     if sampling.kernel_available(torch.device("cpu")):
         pytest.skip("Triton's interpreter runs the kernel on the CPU")
     with pytest.raises(RuntimeError, match=r"needs Triton and a CUDA device .* kernel=False"):
-        sampling.gumbel_argmax(torch.zeros(2, 8), torch.ones(2), torch.zeros(2, dtype=torch.long), True)
+        sampling.gumbel_argmax(torch.zeros(2, 8), torch.ones(2), *torch.zeros(2, 2, dtype=torch.long), True)

@@ -94,13 +94,14 @@ class PagePool:
         page = self.tables[stream, rows[:, None].expand_as(index), (index // self.page_size).clamp(0, self.max_pages)]
         return torch.where(valid, page, self.trash), index % self.page_size
 
-    def ensure_room(self, active: Tensor) -> None:
-        """Give every stream of every ``active`` row [num_rows + 1] room for one more entry: the engine calls this
-        once per decoding step, in which a row appends at most one entry to each stream."""
+    def ensure_room(self, active: Tensor, entries: int = 1) -> None:
+        """Give every stream of every ``active`` row [num_rows + 1] room for ``entries`` more entries: the engine
+        calls this before a window of that many iterations, in each of which a row appends at most one entry to
+        each stream."""
         streams = torch.arange(self.num_streams, device=active.device)[:, None].expand(-1, active.shape[0])
         rows = torch.arange(active.shape[0], device=active.device).expand_as(streams)
-        entries = active.long().expand_as(streams)
-        self.grow(streams.flatten(), rows.flatten(), entries.flatten(), 1)
+        wanted = (active.long() * entries).expand_as(streams)
+        self.grow(streams.flatten(), rows.flatten(), wanted.flatten(), -(-entries // self.page_size))
 
     def count(self, streams: Tensor, rows: Tensor, entries: Tensor) -> None:
         """Count ``entries[i]`` new entries written to (``streams[i]``, ``rows[i]``)."""

@@ -49,12 +49,13 @@ if triton is not None:
     @triton.jit
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, counts_ptr, index_ptr, extra_ptr, out_ptr, scale,
                              stride_qn, stride_qh, stride_kp, stride_kh, stride_ks, stride_t, stride_on, stride_oh,
+                             stride_index, stride_extra,
                              GROUP: tl.constexpr, BLOCK_G: tl.constexpr, DIM: tl.constexpr, PAGE: tl.constexpr,
                              BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)  # key/value head; its GROUP query heads are computed together
-        table = tl.load(index_ptr + row)
-        length = tl.load(counts_ptr + table) + tl.load(extra_ptr + row).to(tl.int64)
+        table = tl.load(index_ptr + row * stride_index)
+        length = tl.load(counts_ptr + table) + tl.load(extra_ptr + row * stride_extra).to(tl.int64)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, DIM)
         in_group = g < GROUP
@@ -102,14 +103,17 @@ def paged_decode_attention(q: Tensor, keys: Tensor, values: Tensor, tables: Tens
     if not kernel_available(q.device):  # the same function, the slow way
         return gathered_attention(q, keys, values, tables, counts, table_index, extra, tables.shape[1])
     group = heads // kv_heads
-    q, table_index, extra = q.contiguous(), table_index.contiguous(), extra.contiguous()
+    # Strided indices are read in place: the engine passes one layer's column of its [N, layers] tables, and a
+    # copy would be a kernel launch per layer.
+    if q.stride(-1) != 1:
+        q = q.contiguous()
     out = torch.empty_like(q)
     if n == 0:
         return out
     _paged_decode_kernel[(n, kv_heads)](
         q, keys, values, tables, counts, table_index, extra, out, dim ** -0.5,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), tables.stride(0),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), table_index.stride(0), extra.stride(0),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), DIM=dim, PAGE=page, BLOCK_N=64,
         IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
     return out

@@ -7,19 +7,20 @@ Every request in flight owns a *row*. A row holds one token at a time and moves 
 
 One *iteration* runs, in order and all on the device:
 
-1. :meth:`PagePool.ensure_room`: every stream of every active row gets room for one more entry;
-2. the *block stage*: the shared recursion block once on up to ``block_slots`` rows in phase BLOCK, whatever
+1. the *block stage*: the shared recursion block once on up to ``block_slots`` rows in phase BLOCK, whatever
    their depth (depth-wise batching); each token writes and reads the paged stream of its own depth
    (recursion-wise caching) or reads its depth-1 stream (KV sharing); then the causal routing rule of
    :mod:`mor.model.routing` decides per token: the next depth, or EXIT;
-3. the *tail stage*: up to ``tail_slots`` rows in phase EXIT (or ENTER, newly admitted) run the unique last
+2. the *tail stage*: up to ``tail_slots`` rows in phase EXIT (or ENTER, newly admitted) run the unique last
    layer(s), the norm and the head, sample their next token (:func:`mor.infer.sampling.sample_rows`), log it,
    and unless the request is done run the *entry* right behind: embedding, unique first layer(s) and the first
    routing decision. A row still *feeding* its prompt takes the prompt's next token instead of the sampled one,
    and nothing is logged: a short prompt goes through the same loop as generated tokens, with no prefill.
 
 Rows are picked by age (oldest first) when there are more candidates than slots; idle slots point at an idle row
-whose writes land in a trash page. A *window* of K iterations runs without the host; at its end the state the
+whose writes land in a trash page. A *window* of K iterations runs without the host. It starts by giving every
+stream of every active row room for K more entries (:meth:`PagePool.ensure_room`; rows only become active between
+windows), once rather than every iteration, which saves a scan of the pool per iteration. At its end the state the
 host needs (the token log, row phases, entry counts, free pages) is published into one status buffer that comes
 back in one copy. With CUDA graphs, each window size is one captured graph: a window costs one launch.
 """
@@ -201,6 +202,7 @@ class Runner:
         self.eos = torch.full((MAX_EOS,), -1, dtype=torch.long, device=device)
         self.eos_ids: frozenset[int] = frozenset()
         self.counters = torch.zeros(4, dtype=torch.long, device=device)
+        self.every_row = torch.arange(rows, device=device)  # a stage's rows when it has a slot for each
 
         # The status buffer: the token log of a window, then phases, entry counts, pages held and pool scalars.
         streams = self.pool.num_streams
@@ -216,11 +218,12 @@ class Runner:
         self.prelude_streams = torch.tensor([stream[p] for p in inner.plan.prelude], dtype=torch.long, device=device)
         self.coda_streams = torch.tensor([stream[p] for p in inner.plan.coda], dtype=torch.long, device=device)
 
-        # An iteration is two compiled functions around the block layers, which share one: the start (room in the
-        # pool, the block's inputs) and the tail (routing, the unique last and first layers, the head, sampling and
-        # entry: one graph, so the state it updates is written back once).
+        # An iteration is two compiled functions around the block layers, which share one: the start (the block's
+        # inputs) and the tail (routing, the unique last and first layers, the head, sampling and entry: one graph,
+        # so the state it updates is written back once). A window begins with a third, the room in the pool.
         compiled = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if compile else (lambda fn: fn)
         self._layer = compiled(decode_layer)
+        self._room = compiled(self._room_eager)
         self._start = compiled(self._start_eager)
         self._tail = compiled(self._tail_eager)
         self._graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
@@ -381,6 +384,7 @@ class Runner:
 
     # ------------------------------------------------------------------ one window (device)
     def _window(self, size: int, mode: str) -> None:
+        self._room(size)
         for i in range(size):
             self._log[i].copy_(self._iteration(mode))
         self._status_phase.copy_(self.ints[: self.rows, PHASE])
@@ -397,7 +401,7 @@ class Runner:
         """Rows for a stage of ``slots`` slots: every row when there are as many slots, else the oldest
         candidates (idle-padded); and which slots hold a candidate."""
         if slots >= self.rows:
-            return torch.arange(self.rows, device=candidates.device), candidates[: self.rows]
+            return self.every_row, candidates[: self.rows]
         key = torch.where(candidates, -self.ints[:, AGE].double(), -math.inf)
         best = key.topk(slots).indices
         real = candidates[best]
@@ -423,12 +427,15 @@ class Runner:
         """Count a stage's writes (``at`` [n, J] flat pair indices where ``writes``) in one scatter."""
         self.pool.flat_counts.scatter_add_(0, at.flatten(), writes.flatten().long())
 
+    def _room_eager(self, size: int) -> None:
+        """Room in every active row's streams for a window of ``size`` iterations."""
+        phase = self.ints[:, PHASE]
+        self.pool.ensure_room((phase == BLOCK) | (phase == EXIT) | (phase == ENTER), size)
+
     # The two compiled pieces around the block layers: the start, and the tail made of the four stages below.
     def _start_eager(self) -> tuple[Tensor, ...]:
-        """Room in every active row's streams; the block stage's rows and their inputs."""
+        """The block stage's rows and their inputs."""
         phase = self.ints[:, PHASE]
-        self.pool.ensure_room((phase == BLOCK) | (phase == EXIT) | (phase == ENTER))
-        self.counters[CLOCK] += 1
         rows, real = self._rows(phase == BLOCK, self.block_slots)
         state = self.ints[rows]
         step = state[:, STEP].clamp(max=len(self.steps) - 1)
@@ -439,7 +446,9 @@ class Runner:
         pending = self.pending[step] & real[:, None]
         write_at = self.pool.pair_index(write_stream, rows[:, None])
         read_at = self.pool.pair_index(self.read_stream[step], rows[:, None])
-        self.counters[BLOCK_TOKENS] += real.sum()
+        # The clock and the block-token count in one update (one kernel rather than two)
+        one = torch.ones((), dtype=torch.long, device=real.device)
+        self.counters[CLOCK: BLOCK_TOKENS + 1] += torch.stack([one, real.sum()])
         return rows, real, h, cos, sin, step, write_stream, writes, write_at, read_at, pending
 
     def _tail_eager(self, rows: Tensor, real: Tensor, step: Tensor, h: Tensor, out: Tensor, write_stream: Tensor,
@@ -516,8 +525,7 @@ class Runner:
         state[:, SAMPLED] = state[:, SAMPLED] + sampled.long()
         state[:, FEED] = feed - feeding.long()
         self.ints[rows] = torch.where(real[:, None], state, self.ints[rows])
-        self.counters[SAMPLED_TOKENS] += sampled.sum()
-        self.counters[FED_TOKENS] += feeding.sum()
+        self.counters[SAMPLED_TOKENS: FED_TOKENS + 1] += torch.stack([sampled.sum(), feeding.sum()])
         x = self.model.model.embed_tokens(token)
         cos, sin = self.model.model.rotary(position, x.dtype)
         at = self.pool.pair_index(self.prelude_streams[None, :], rows[:, None])

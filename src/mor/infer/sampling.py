@@ -121,7 +121,7 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
     ``argmax(logits / temperature + noise)`` with :func:`gumbel_noise`: one pass over the vocabulary, no softmax
     and no cumulative sum. ``kernel``: greedy and unfiltered draws by :func:`gumbel_argmax`, one fused pass (CUDA)."""
     if kernel and mode != "filter":
-        return gumbel_argmax(logits, temperature, _row_keys(seed, counter), mode == "sample")
+        return gumbel_argmax(logits, temperature, seed, counter, mode == "sample")
     greedy = argmax_rows(logits)
     if mode == "greedy":
         return greedy
@@ -149,51 +149,50 @@ if triton is not None:
         return (x >> 16) ^ x
 
     @triton.jit
-    def _chunk_argmax_kernel(logits_ptr, temperature_ptr, keys_ptr, best_ptr, index_ptr, vocab, stride, chunks,
+    def _chunk_argmax_kernel(logits_ptr, temperature_ptr, seed_ptr, counter_ptr, best_ptr, index_ptr, vocab,
+                             stride, stride_temperature, stride_seed, stride_counter, chunks,
                              SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
-        """Program (row, chunk): the largest logit of the chunk, and with SAMPLE the largest
-        ``logit / temperature + noise``, each with its first column."""
+        """Program (row, chunk): the largest score of the chunk and its first column; the score is the logit, or
+        with SAMPLE and a positive temperature ``logit / temperature + noise``."""
         row, chunk = tl.program_id(0), tl.program_id(1)
         columns = chunk * BLOCK + tl.arange(0, BLOCK)
         valid = columns < vocab
         x = tl.load(logits_ptr + row * stride + columns, mask=valid, other=float("-inf")).to(tl.float32)
-        out = (row * chunks + chunk) * 2
-        best, index = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
-        tl.store(best_ptr + out, best)
-        tl.store(index_ptr + out, chunk * BLOCK + index)
         if SAMPLE:
-            key = tl.load(keys_ptr + row).to(tl.uint32)
-            bits = _hash32_kernel(_hash32_kernel(key ^ columns.to(tl.uint32)) ^ key) >> 9
-            u = (bits.to(tl.float32) + 0.5) / 8388608.0
-            scale = tl.maximum(tl.load(temperature_ptr + row), 1e-6)
-            y = tl.where(valid, x / scale - tl.log(-tl.log(u)), float("-inf"))
-            best, index = tl.max(y, 0, return_indices=True, return_indices_tie_break_left=True)
-            tl.store(best_ptr + out + 1, best)
-            tl.store(index_ptr + out + 1, chunk * BLOCK + index)
+            temperature = tl.load(temperature_ptr + row * stride_temperature).to(tl.float32)
+            if temperature > 0:
+                # _row_keys, in the low 32 bits of the seed and counter as there
+                seed = _hash32_kernel(tl.load(seed_ptr + row * stride_seed).to(tl.uint32))
+                key = _hash32_kernel(seed ^ _hash32_kernel(tl.load(counter_ptr + row * stride_counter).to(tl.uint32)))
+                bits = _hash32_kernel(_hash32_kernel(key ^ columns.to(tl.uint32)) ^ key) >> 9
+                u = (bits.to(tl.float32) + 0.5) / 8388608.0  # exact: a power of two
+                # Rounded division, as PyTorch's: the fast one could turn a near-tie the other way
+                x = tl.where(valid, tl.div_rn(x, tl.maximum(temperature, 1e-6)) - tl.log(-tl.log(u)), float("-inf"))
+        best, index = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(best_ptr + row * chunks + chunk, best)
+        tl.store(index_ptr + row * chunks + chunk, chunk * BLOCK + index)
 
     @triton.jit
-    def _pick_kernel(best_ptr, index_ptr, temperature_ptr, token_ptr, chunks, SAMPLE: tl.constexpr,
-                     BLOCK: tl.constexpr):
-        """Program (row): the best chunk, first among ties, of the greedy or (temperature > 0) the drawn pass."""
+    def _pick_kernel(best_ptr, index_ptr, token_ptr, chunks, BLOCK: tl.constexpr):
+        """Program (row): the row's best chunk, first among ties."""
         row = tl.program_id(0)
-        which = 0
-        if SAMPLE:
-            which = (tl.load(temperature_ptr + row) > 0).to(tl.int32)
-        at = (row * chunks + tl.arange(0, BLOCK)) * 2 + which
         valid = tl.arange(0, BLOCK) < chunks
-        best = tl.load(best_ptr + at, mask=valid, other=float("-inf"))
+        best = tl.load(best_ptr + row * chunks + tl.arange(0, BLOCK), mask=valid, other=float("-inf"))
         _, chunk = tl.max(best, 0, return_indices=True, return_indices_tie_break_left=True)
-        tl.store(token_ptr + row, tl.load(index_ptr + (row * chunks + chunk) * 2 + which).to(tl.int64))
+        tl.store(token_ptr + row, tl.load(index_ptr + row * chunks + chunk).to(tl.int64))
+
+
+# Launch shape of the chunk pass (benchmarks/sampler_kernel.py measures others)
+CHUNK, CHUNK_WARPS = 2048, 8
 
 
 @torch.library.custom_op("mor::gumbel_argmax", mutates_args=())
-def gumbel_argmax(logits: Tensor, temperature: Tensor, keys: Tensor, sample: bool) -> Tensor:
-    """What :func:`sample_rows` returns in mode "sample" (``sample``) or "greedy", given the rows' noise keys
-    (:func:`_row_keys`), in two Triton kernels: each (row, chunk of the vocabulary) finds its largest logit and
-    its largest noisy one in one pass, then each row picks its best chunk. Ties go to the first index, as in
-    :func:`argmax_rows`. ``logits``: 16- or 32-bit floats, without NaN (a row with NaN gets some token, not
-    necessarily the first NaN's). On a GPU the division by the temperature is Triton's fast one, so a draw can
-    differ from the PyTorch path's when two noisy scores lie within a few units in the last place."""
+def gumbel_argmax(logits: Tensor, temperature: Tensor, seed: Tensor, counter: Tensor, sample: bool) -> Tensor:
+    """What :func:`sample_rows` returns in mode "sample" (``sample``) or "greedy", in two Triton kernels: each
+    (row, chunk of the vocabulary) finds its best score in one pass (the logit, or for a row with a positive
+    temperature the noisy one, its noise keyed as :func:`gumbel_noise` keys it), then each row picks its best
+    chunk. Ties go to the first index, as in :func:`argmax_rows`. ``logits``: 16- or 32-bit floats, without NaN
+    (a row with NaN gets some token, not necessarily the first NaN's); the per-row tensors may be strided."""
     if not kernel_available(logits.device):
         raise RuntimeError(f"gumbel_argmax needs Triton and a CUDA device (logits are on {logits.device}); use "
                            "sample_rows(..., kernel=False) elsewhere")
@@ -201,18 +200,18 @@ def gumbel_argmax(logits: Tensor, temperature: Tensor, keys: Tensor, sample: boo
     token = torch.empty(n, dtype=torch.long, device=logits.device)
     if n == 0:
         return token
-    block = 2048
-    chunks = triton.cdiv(vocab, block)
-    best = torch.empty(n, chunks, 2, dtype=torch.float32, device=logits.device)
-    index = torch.empty(n, chunks, 2, dtype=torch.int32, device=logits.device)
-    logits, temperature = logits.contiguous(), temperature.float().contiguous()
-    _chunk_argmax_kernel[(n, chunks)](logits, temperature, keys.contiguous(), best, index, vocab, logits.stride(0),
-                                      chunks, SAMPLE=sample, BLOCK=block, num_warps=8)
-    _pick_kernel[(n,)](best, index, temperature, token, chunks, SAMPLE=sample,
-                       BLOCK=max(16, triton.next_power_of_2(chunks)), num_warps=1)
+    chunks = triton.cdiv(vocab, CHUNK)
+    best = torch.empty(n, chunks, dtype=torch.float32, device=logits.device)
+    index = torch.empty(n, chunks, dtype=torch.int32, device=logits.device)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    _chunk_argmax_kernel[(n, chunks)](logits, temperature, seed, counter, best, index, vocab, logits.stride(0),
+                                      temperature.stride(0), seed.stride(0), counter.stride(0), chunks,
+                                      SAMPLE=sample, BLOCK=CHUNK, num_warps=CHUNK_WARPS)
+    _pick_kernel[(n,)](best, index, token, chunks, BLOCK=max(16, triton.next_power_of_2(chunks)), num_warps=1)
     return token
 
 
 @gumbel_argmax.register_fake
-def _(logits: Tensor, temperature: Tensor, keys: Tensor, sample: bool) -> Tensor:
+def _(logits: Tensor, temperature: Tensor, seed: Tensor, counter: Tensor, sample: bool) -> Tensor:
     return logits.new_empty(logits.shape[0], dtype=torch.long)

@@ -3,10 +3,10 @@
 The device allocates KV pages by itself (:class:`mor.infer.page_pool.PagePool`), so the scheduler's job is to
 keep that safe: before it lets the device run a window of K iterations it checks, from the entry counts, pages
 held and free pages of the last status it read, that the pool holds enough pages for everything that may happen
-until then. A row appends at most one entry per stream per iteration and keeps room for one more, so a row with
-``c`` entries and ``h`` pages in a stream takes at most ``max(min(ceil((c + k + 1) / P), M) - h, 0)`` new pages
-there in ``k`` iterations (``M``: the pages a stream of one request holds at most, as the pool never gives it
-more; ``h`` can exceed ``ceil(c / P)`` by the page of room taken ahead). Rows
+until then. A row appends at most one entry per stream per iteration, and a window of K iterations starts by giving
+it room for K more entries, so a row with ``c`` entries and ``h`` pages in a stream takes at most
+``max(min(ceil((c + k + 1) / P), M) - h, 0)`` new pages there in ``k`` iterations (``M``: the pages a stream of one
+request holds at most, as the pool never gives it more; ``h`` can exceed ``ceil(c / P)`` by the room taken ahead). Rows
 admitted since that status are bounded by their prefilled length instead. When even one iteration does not fit,
 the youngest request is preempted: its pages are freed and it is recomputed later from its prompt and the
 tokens it generated so far.
