@@ -87,8 +87,8 @@ def test_the_largest_noise_a_draw_can_meet_does_not_pick_a_far_lower_token():
 @needs_kernels
 def test_the_fused_kernel_draws_the_same_tokens_as_the_reference():
     """:func:`sampling.gumbel_argmax` draws :func:`sample_rows`'s PyTorch-path tokens: the same noise, the
-    same ties (first index), greedy rows among sampled ones, seeds past 32 bits, strided per-row settings and a
-    vocabulary that is no multiple of the chunk."""
+    same ties (first index), greedy rows among sampled ones, seeds past 32 bits, strided per-row settings, skipped
+    rows and a vocabulary that is no multiple of the chunk."""
     generator = torch.Generator().manual_seed(0)
     n, vocab = 24, 5000
     logits = (torch.randn(n, vocab, generator=generator) * 3).to(torch.bfloat16)
@@ -104,10 +104,16 @@ def test_the_fused_kernel_draws_the_same_tokens_as_the_reference():
     # The per-row settings as the engine passes them: columns of its row-state tensors (strided)
     ints = torch.stack([seed, counter, top_k], 1).to(KERNEL_DEVICE)
     floats = torch.stack([temperature, top_p], 1).to(KERNEL_DEVICE)
+    active = torch.arange(n) % 5 != 1  # rows whose token is not wanted are skipped and get token 0
     for mode, expected in reference.items():
         got = sample_rows(logits.to(KERNEL_DEVICE), floats[:, 0], ints[:, 2], floats[:, 1], ints[:, 0], ints[:, 1],
                           mode, kernel=True)
         assert torch.equal(got.cpu(), expected), mode
+        got = sample_rows(logits.to(KERNEL_DEVICE), floats[:, 0], ints[:, 2], floats[:, 1], ints[:, 0], ints[:, 1],
+                          mode, kernel=True, active=active.to(KERNEL_DEVICE))
+        assert torch.equal(got.cpu(), torch.where(active, expected, 0)), mode
+        assert torch.equal(sample_rows(logits, temperature, top_k, top_p, seed, counter, mode, active=active),
+                           torch.where(active, expected, 0))
 
 
 def test_the_fused_kernel_says_where_it_cannot_run():

@@ -362,8 +362,10 @@ class Runner:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                for _ in range(2):  # compile, then run once more as compiled
+                for _ in range(2):  # compile, then run once more as compiled (the room once per window size)
                     self._window(1, mode)
+                    for size in missing:
+                        self._room(size)
             torch.cuda.current_stream().wait_stream(stream)
             for size in missing:
                 graph = torch.cuda.CUDAGraph()
@@ -508,12 +510,12 @@ class Runner:
         (rows, tokens, depths) of the sampled ones."""
         self._count(coda_at, exiting[:, None].expand_as(coda_at))
         state, floats = self.ints[rows], self.floats[rows]
-        logits = self.model.lm_head(self.model.model.norm(h))
-        token = sample_rows(logits, floats[:, TEMPERATURE], state[:, TOP_K], floats[:, TOP_P], state[:, SEED],
-                            state[:, SAMPLED], mode, self.kernel)
         feed = state[:, FEED]
         feeding = exiting & (feed > 0)
         sampled = exiting & ~feeding
+        logits = self.model.lm_head(self.model.model.norm(h))
+        token = sample_rows(logits, floats[:, TEMPERATURE], state[:, TOP_K], floats[:, TOP_P], state[:, SEED],
+                            state[:, SAMPLED], mode, self.kernel, active=sampled)
         width = self.feed.shape[1]
         token = torch.where(feeding, self.feed[rows, (width - feed).clamp(0, width - 1)], token)
         token = torch.where(exiting, token, state[:, TOKEN])

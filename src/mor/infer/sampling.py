@@ -115,13 +115,23 @@ def argmax_rows(x: Tensor, chunk: int = 1024) -> Tensor:
 
 
 def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor, counter: Tensor,
-                mode: str, kernel: bool = False) -> Tensor:
+                mode: str, kernel: bool = False, active: Tensor | None = None) -> Tensor:
     """One token per row of ``logits`` [N, V] with per-row settings: ``temperature`` 0 is greedy; ``top_k`` (V for
     none) and ``top_p`` (1 for none) filter when ``mode`` is "filter". A draw is the Gumbel-max trick,
     ``argmax(logits / temperature + noise)`` with :func:`gumbel_noise`: one pass over the vocabulary, no softmax
-    and no cumulative sum. ``kernel``: greedy and unfiltered draws by :func:`gumbel_argmax`, one fused pass (CUDA)."""
+    and no cumulative sum. ``kernel``: greedy and unfiltered draws by :func:`gumbel_argmax`, one fused pass (CUDA).
+    ``active`` (bool, per row): the rows whose token is wanted; the others get token 0 (the kernel skips them)."""
     if kernel and mode != "filter":
-        return gumbel_argmax(logits, temperature, seed, counter, mode == "sample")
+        if active is None:
+            active = torch.ones_like(temperature, dtype=torch.bool)
+        return gumbel_argmax(logits, temperature, seed, counter, active, mode == "sample")
+    token = _sample_rows(logits, temperature, top_k, top_p, seed, counter, mode)
+    return token if active is None else torch.where(active, token, 0)
+
+
+def _sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor, counter: Tensor,
+                 mode: str) -> Tensor:
+    """:func:`sample_rows` in PyTorch."""
     greedy = argmax_rows(logits)
     if mode == "greedy":
         return greedy
@@ -149,49 +159,55 @@ if triton is not None:
         return (x >> 16) ^ x
 
     @triton.jit
-    def _chunk_argmax_kernel(logits_ptr, temperature_ptr, seed_ptr, counter_ptr, best_ptr, index_ptr, vocab,
-                             stride, stride_temperature, stride_seed, stride_counter, chunks,
+    def _chunk_argmax_kernel(logits_ptr, temperature_ptr, seed_ptr, counter_ptr, active_ptr, best_ptr, index_ptr,
+                             vocab, stride, stride_temperature, stride_seed, stride_counter, stride_active, chunks,
                              SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
-        """Program (row, chunk): the largest score of the chunk and its first column; the score is the logit, or
-        with SAMPLE and a positive temperature ``logit / temperature + noise``."""
+        """Program (row, chunk) of an active row: the largest score of the chunk and its first column; the score
+        is the logit, or with SAMPLE and a positive temperature ``logit / temperature + noise``."""
         row, chunk = tl.program_id(0), tl.program_id(1)
-        columns = chunk * BLOCK + tl.arange(0, BLOCK)
-        valid = columns < vocab
-        x = tl.load(logits_ptr + row * stride + columns, mask=valid, other=float("-inf")).to(tl.float32)
-        if SAMPLE:
-            temperature = tl.load(temperature_ptr + row * stride_temperature).to(tl.float32)
-            if temperature > 0:
-                # _row_keys, in the low 32 bits of the seed and counter as there
-                seed = _hash32_kernel(tl.load(seed_ptr + row * stride_seed).to(tl.uint32))
-                key = _hash32_kernel(seed ^ _hash32_kernel(tl.load(counter_ptr + row * stride_counter).to(tl.uint32)))
-                bits = _hash32_kernel(_hash32_kernel(key ^ columns.to(tl.uint32)) ^ key) >> 9
-                u = (bits.to(tl.float32) + 0.5) / 8388608.0  # exact: a power of two
-                # Rounded division, as PyTorch's: the fast one could turn a near-tie the other way
-                x = tl.where(valid, tl.div_rn(x, tl.maximum(temperature, 1e-6)) - tl.log(-tl.log(u)), float("-inf"))
-        best, index = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
-        tl.store(best_ptr + row * chunks + chunk, best)
-        tl.store(index_ptr + row * chunks + chunk, chunk * BLOCK + index)
+        if tl.load(active_ptr + row * stride_active) != 0:
+            columns = chunk * BLOCK + tl.arange(0, BLOCK)
+            valid = columns < vocab
+            x = tl.load(logits_ptr + row * stride + columns, mask=valid, other=float("-inf")).to(tl.float32)
+            if SAMPLE:
+                temperature = tl.load(temperature_ptr + row * stride_temperature).to(tl.float32)
+                if temperature > 0:
+                    # _row_keys, from the low 32 bits of the seed and counter as there
+                    seed = _hash32_kernel(tl.load(seed_ptr + row * stride_seed).to(tl.uint32))
+                    counter = _hash32_kernel(tl.load(counter_ptr + row * stride_counter).to(tl.uint32))
+                    key = _hash32_kernel(seed ^ counter)
+                    bits = _hash32_kernel(_hash32_kernel(key ^ columns.to(tl.uint32)) ^ key) >> 9
+                    u = (bits.to(tl.float32) + 0.5) / 8388608.0  # exact: a power of two
+                    # Rounded division, as PyTorch's: the fast one could turn a near-tie the other way
+                    noisy = tl.div_rn(x, tl.maximum(temperature, 1e-6)) - tl.log(-tl.log(u))
+                    x = tl.where(valid, noisy, float("-inf"))
+            best, index = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
+            tl.store(best_ptr + row * chunks + chunk, best)
+            tl.store(index_ptr + row * chunks + chunk, chunk * BLOCK + index)
 
     @triton.jit
-    def _pick_kernel(best_ptr, index_ptr, token_ptr, chunks, BLOCK: tl.constexpr):
-        """Program (row): the row's best chunk, first among ties."""
+    def _pick_kernel(best_ptr, index_ptr, active_ptr, token_ptr, chunks, stride_active, BLOCK: tl.constexpr):
+        """Program (row): the row's best chunk, first among ties (token 0 for an inactive row)."""
         row = tl.program_id(0)
-        valid = tl.arange(0, BLOCK) < chunks
+        active = tl.load(active_ptr + row * stride_active) != 0
+        valid = tl.arange(0, BLOCK) < tl.where(active, chunks, 0)
         best = tl.load(best_ptr + row * chunks + tl.arange(0, BLOCK), mask=valid, other=float("-inf"))
         _, chunk = tl.max(best, 0, return_indices=True, return_indices_tie_break_left=True)
-        tl.store(token_ptr + row, tl.load(index_ptr + row * chunks + chunk).to(tl.int64))
+        token = tl.load(index_ptr + row * chunks + chunk, mask=active, other=0)
+        tl.store(token_ptr + row, token.to(tl.int64))
 
 
 # Launch shape of the chunk pass (benchmarks/sampler_kernel.py measures others)
-CHUNK, CHUNK_WARPS = 2048, 8
+CHUNK, CHUNK_WARPS = 2048, 4
 
 
 @torch.library.custom_op("mor::gumbel_argmax", mutates_args=())
-def gumbel_argmax(logits: Tensor, temperature: Tensor, seed: Tensor, counter: Tensor, sample: bool) -> Tensor:
+def gumbel_argmax(logits: Tensor, temperature: Tensor, seed: Tensor, counter: Tensor, active: Tensor,
+                  sample: bool) -> Tensor:
     """What :func:`sample_rows` returns in mode "sample" (``sample``) or "greedy", in two Triton kernels: each
-    (row, chunk of the vocabulary) finds its best score in one pass (the logit, or for a row with a positive
+    (active row, chunk of the vocabulary) finds its best score in one pass (the logit, or for a row with a positive
     temperature the noisy one, its noise keyed as :func:`gumbel_noise` keys it), then each row picks its best
-    chunk. Ties go to the first index, as in :func:`argmax_rows`. ``logits``: 16- or 32-bit floats, without NaN
+    chunk; an inactive row costs nothing and gets token 0. Ties go to the first index, as in :func:`argmax_rows`. ``logits``: 16- or 32-bit floats, without NaN
     (a row with NaN gets some token, not necessarily the first NaN's); the per-row tensors may be strided."""
     if not kernel_available(logits.device):
         raise RuntimeError(f"gumbel_argmax needs Triton and a CUDA device (logits are on {logits.device}); use "
@@ -205,13 +221,14 @@ def gumbel_argmax(logits: Tensor, temperature: Tensor, seed: Tensor, counter: Te
     index = torch.empty(n, chunks, dtype=torch.int32, device=logits.device)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    _chunk_argmax_kernel[(n, chunks)](logits, temperature, seed, counter, best, index, vocab, logits.stride(0),
-                                      temperature.stride(0), seed.stride(0), counter.stride(0), chunks,
-                                      SAMPLE=sample, BLOCK=CHUNK, num_warps=CHUNK_WARPS)
-    _pick_kernel[(n,)](best, index, token, chunks, BLOCK=max(16, triton.next_power_of_2(chunks)), num_warps=1)
+    _chunk_argmax_kernel[(n, chunks)](logits, temperature, seed, counter, active, best, index, vocab,
+                                      logits.stride(0), temperature.stride(0), seed.stride(0), counter.stride(0),
+                                      active.stride(0), chunks, SAMPLE=sample, BLOCK=CHUNK, num_warps=CHUNK_WARPS)
+    _pick_kernel[(n,)](best, index, active, token, chunks, active.stride(0),
+                       BLOCK=max(16, triton.next_power_of_2(chunks)), num_warps=1)
     return token
 
 
 @gumbel_argmax.register_fake
-def _(logits: Tensor, temperature: Tensor, seed: Tensor, counter: Tensor, sample: bool) -> Tensor:
+def _(logits: Tensor, temperature: Tensor, seed: Tensor, counter: Tensor, active: Tensor, sample: bool) -> Tensor:
     return logits.new_empty(logits.shape[0], dtype=torch.long)
