@@ -120,4 +120,5 @@ def test_the_fused_kernel_says_where_it_cannot_run():
     if sampling.kernel_available(torch.device("cpu")):
         pytest.skip("Triton's interpreter runs the kernel on the CPU")
     with pytest.raises(RuntimeError, match=r"needs Triton and a CUDA device .* kernel=False"):
-        sampling.gumbel_argmax(torch.zeros(2, 8), torch.ones(2), *torch.zeros(2, 2, dtype=torch.long), True)
+        sampling.gumbel_argmax(torch.zeros(2, 8), torch.ones(2), *torch.zeros(2, 2, dtype=torch.long),
+                               torch.ones(2, dtype=torch.bool), True)

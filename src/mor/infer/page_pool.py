@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from mor.infer.kernel_support import kernel_available, tl, triton
 from mor.model.kv_cache import KVPages, continue_rows
 from mor.model.layers import KV, CacheUpdate, TokenLayout, allowed_attention
 
@@ -94,10 +95,14 @@ class PagePool:
         page = self.tables[stream, rows[:, None].expand_as(index), (index // self.page_size).clamp(0, self.max_pages)]
         return torch.where(valid, page, self.trash), index % self.page_size
 
-    def ensure_room(self, active: Tensor, entries: int = 1) -> None:
+    def ensure_room(self, active: Tensor, entries: int = 1, kernel: bool = False) -> None:
         """Give every stream of every ``active`` row [num_rows + 1] room for ``entries`` more entries: the engine
         calls this before a window of that many iterations, in each of which a row appends at most one entry to
-        each stream."""
+        each stream. ``kernel``: in one Triton kernel (:func:`ensure_room_kernel`, CUDA), the same pages."""
+        if kernel:
+            ensure_room_kernel(active, self.tables, self.counts, self.held, self.free, self.top, self.peak,
+                               self.overflow, entries, self.page_size)
+            return
         streams = torch.arange(self.num_streams, device=active.device)[:, None].expand(-1, active.shape[0])
         rows = torch.arange(active.shape[0], device=active.device).expand_as(streams)
         wanted = (active.long() * entries).expand_as(streams)
@@ -141,6 +146,50 @@ class PagePool:
 
     def free_pages(self) -> int:
         return int(self.top)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _room_kernel(active_ptr, tables_ptr, counts_ptr, held_ptr, free_ptr, top_ptr, peak_ptr, overflow_ptr, pairs,
+                     rows, stride_table, entries, page_size, max_pages, num_pages, MAX_NEW: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        """One program walks every (stream, row) pair in blocks, in :meth:`PagePool.grow`'s order: a pair's new
+        pages are the next ones off the free stack after those of the pairs before it."""
+        top = tl.load(top_ptr)
+        taken = tl.zeros((), tl.int64)
+        for start in range(0, pairs, BLOCK):
+            pair = start + tl.arange(0, BLOCK)
+            valid = pair < pairs
+            active = tl.load(active_ptr + pair % rows, mask=valid, other=0) != 0
+            count = tl.load(counts_ptr + pair, mask=valid, other=0)
+            held = tl.load(held_ptr + pair, mask=valid, other=0)
+            wanted = tl.minimum((count + entries + page_size - 1) // page_size, max_pages)
+            need = tl.where(active & valid, tl.minimum(tl.maximum(wanted - held, 0), MAX_NEW), 0)
+            rank = taken + tl.cumsum(need, 0) - need  # pages taken before this pair's first
+            for j in tl.static_range(MAX_NEW):
+                take = j < need
+                page = tl.load(free_ptr + tl.maximum(top - 1 - rank - j, 0), mask=take, other=0)
+                tl.store(tables_ptr + pair * stride_table + held + j, page, mask=take)
+            tl.store(held_ptr + pair, held + need, mask=valid)
+            taken += tl.sum(need, 0)
+        tl.store(overflow_ptr, (tl.load(overflow_ptr) != 0) | (taken > top))
+        tl.store(top_ptr, top - taken)
+        tl.store(peak_ptr, tl.maximum(tl.load(peak_ptr), num_pages - (top - taken)))
+
+
+@torch.library.custom_op("mor::ensure_room", mutates_args=("tables", "held", "top", "peak", "overflow"))
+def ensure_room_kernel(active: Tensor, tables: Tensor, counts: Tensor, held: Tensor, free: Tensor, top: Tensor,
+                       peak: Tensor, overflow: Tensor, entries: int, page_size: int) -> None:
+    """:meth:`PagePool.ensure_room` of a pool's tensors in one Triton kernel (one program: the pairs of a pool
+    are a few thousand); the same pages as the PyTorch path."""
+    if not kernel_available(active.device):
+        raise RuntimeError(f"ensure_room_kernel needs Triton and a CUDA device (the pool is on {active.device}); "
+                           "use PagePool.ensure_room(..., kernel=False) elsewhere")
+    streams, rows, width = tables.shape
+    _room_kernel[(1,)](active, tables, counts, held, free, top, peak, overflow, streams * rows, rows, width, entries,
+                       page_size, width - 1, free.shape[0] - 1, MAX_NEW=-(-entries // page_size), BLOCK=1024,
+                       num_warps=4)
 
 
 class PagedCache:

@@ -432,7 +432,7 @@ class Runner:
     def _room_eager(self, size: int) -> None:
         """Room in every active row's streams for a window of ``size`` iterations."""
         phase = self.ints[:, PHASE]
-        self.pool.ensure_room((phase == BLOCK) | (phase == EXIT) | (phase == ENTER), size)
+        self.pool.ensure_room((phase == BLOCK) | (phase == EXIT) | (phase == ENTER), size, self.kernel)
 
     # The two compiled pieces around the block layers: the start, and the tail made of the four stages below.
     def _start_eager(self) -> tuple[Tensor, ...]:
