@@ -170,6 +170,9 @@ class Runner:
         read_stream = [[stream[inner.kv_position(p)] for p in step] for step in self.steps]
         pending = [[any(w[i] and ws[i] == rs[j] for i in range(j + 1)) for j in range(len(rs))]
                    for w, ws, rs in zip(writes, write_stream, read_stream)]
+        # Whether the positions of a block step name distinct streams (with shared keys/values, those that write
+        # nothing name stream 0 too)
+        self.distinct_writes = all(len(set(ws)) == len(ws) for ws in write_stream)
         self.writes = torch.tensor(writes, dtype=torch.bool, device=device)
         self.write_stream = torch.tensor(write_stream, dtype=torch.long, device=device)
         self.read_stream = torch.tensor(read_stream, dtype=torch.long, device=device)
@@ -425,9 +428,15 @@ class Runner:
         mask = writes[:, None].expand_as(at)
         return self._run_layers(x, weights, cos, sin, at, mask, at, mask)
 
-    def _count(self, at: Tensor, writes: Tensor) -> None:
-        """Count a stage's writes (``at`` [n, J] flat pair indices where ``writes``) in one scatter."""
-        self.pool.flat_counts.scatter_add_(0, at.flatten(), writes.flatten().long())
+    def _count(self, at: Tensor, writes: Tensor, distinct: bool = True) -> None:
+        """Count a stage's writes (``at`` [n, J] flat pair indices where ``writes``). When the pairs that count are
+        ``distinct`` (the idle row's slots count nothing), a plain indexed write does: compiled, it fuses with its
+        neighbours, where an accumulating scatter is a kernel of its own."""
+        at, writes, counts = at.flatten(), writes.flatten().long(), self.pool.flat_counts
+        if distinct:
+            counts[at] = counts[at] + writes
+        else:
+            counts.scatter_add_(0, at, writes)
 
     def _room_eager(self, size: int) -> None:
         """Room in every active row's streams for a window of ``size`` iterations."""
@@ -468,7 +477,7 @@ class Runner:
                      writes: Tensor) -> tuple[Tensor, ...]:
         """After a block step: count its entries, then each token's new hidden state and decision (next depth or
         exit) by the rules of :mod:`mor.model.routing`; the tail stage's rows and their inputs."""
-        self._count(self.pool.pair_index(write_stream, rows[:, None]), writes)
+        self._count(self.pool.pair_index(write_stream, rows[:, None]), writes, self.distinct_writes)
         inner = self.model.model
         step = step + 1
         gate = self.floats[rows, GATE]
