@@ -34,6 +34,19 @@ def test_engine_generates_what_generate_does_token_for_token(variant, loop):
         assert len(out.stats.depth_histogram) > 1, "depths should vary in this test"
 
 
+@pytest.mark.parametrize("slots", [4, 3], ids=["a slot per row", "fewer slots than rows"])
+def test_the_compiled_iteration_generates_what_generate_does(slots):
+    """Compiled, a stage with a slot for every row reads the row state as views and writes it as plain copies;
+    with fewer slots, by its rows' indices. Both must leave the rows they do not update as they were."""
+    torch.compiler.reset()  # within dynamo's recompilation limit whatever ran before
+    model = make_decisive("expert")
+    engine = Engine(model, max_batch_slots=slots, max_requests=4, max_seq_len=32, page_size=4, window=4,
+                    compile=True, loop_prompt_tokens=4)
+    out = engine.generate(prompts(), NEW_TOKENS)
+    assert_matches_generate(model, out, prompts(), NEW_TOKENS)
+    assert engine.cache.pages_in_use() == 0
+
+
 @pytest.mark.parametrize("variant", ["vanilla", "expert", "token_share"])
 def test_fewer_block_and_tail_slots_than_requests_pick_the_oldest_rows(variant):
     # More requests in flight than the block or the tail can take at once: rows wait their turn.

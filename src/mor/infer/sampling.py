@@ -207,8 +207,9 @@ def gumbel_argmax(logits: Tensor, temperature: Tensor, seed: Tensor, counter: Te
     """What :func:`sample_rows` returns in mode "sample" (``sample``) or "greedy", in two Triton kernels: each
     (active row, chunk of the vocabulary) finds its best score in one pass (the logit, or for a row with a positive
     temperature the noisy one, its noise keyed as :func:`gumbel_noise` keys it), then each row picks its best
-    chunk; an inactive row costs nothing and gets token 0. Ties go to the first index, as in :func:`argmax_rows`. ``logits``: 16- or 32-bit floats, without NaN
-    (a row with NaN gets some token, not necessarily the first NaN's); the per-row tensors may be strided."""
+    chunk; an inactive row costs nothing and gets token 0. Ties go to the first index, as in :func:`argmax_rows`.
+    ``logits``: 16- or 32-bit floats, without NaN (a row with NaN gets some token, not necessarily the first
+    NaN's); the per-row tensors may be strided."""
     if not kernel_available(logits.device):
         raise RuntimeError(f"gumbel_argmax needs Triton and a CUDA device (logits are on {logits.device}); use "
                            "sample_rows(..., kernel=False) elsewhere")
