@@ -36,8 +36,8 @@ def test_engine_generates_what_generate_does_token_for_token(variant, loop):
 
 @pytest.mark.parametrize("slots", [4, 3], ids=["a slot per row", "fewer slots than rows"])
 def test_the_compiled_iteration_generates_what_generate_does(slots):
-    """Compiled, a stage with a slot for every row reads the row state as views and writes it as plain copies;
-    with fewer slots, by its rows' indices. Both must leave the rows they do not update as they were."""
+    """The compiled iteration (on the CPU here) with a slot for every row, and with fewer slots than rows (the
+    oldest rows picked, idle slots padded)."""
     torch.compiler.reset()  # within dynamo's recompilation limit whatever ran before
     model = make_decisive("expert")
     engine = Engine(model, max_batch_slots=slots, max_requests=4, max_seq_len=32, page_size=4, window=4,

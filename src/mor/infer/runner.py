@@ -413,12 +413,6 @@ class Runner:
         real = candidates[best]
         return torch.where(real, best, self.idle), real
 
-    def _pick(self, rows: Tensor, slots: int) -> Tensor | slice:
-        """How a stage of ``slots`` slots indexes the row state: with a slot for every row, a slice (its rows are
-        every row in order, so reads are views and writes plain copies that fuse with their producers), else its
-        ``rows``. A state read this way and then changed must be cloned first: a view would change the rows."""
-        return slice(0, self.rows) if slots >= self.rows else rows
-
     def _run_layers(self, x: Tensor, weights: list[tuple[Tensor, ...]], cos: Tensor, sin: Tensor, write_at: Tensor,
                     writes: Tensor, read_at: Tensor, extra: Tensor,
                     layer: Callable[..., Tensor] = decode_layer) -> Tensor:
@@ -455,10 +449,9 @@ class Runner:
         """The block stage's rows and their inputs."""
         phase = self.ints[:, PHASE]
         rows, real = self._rows(phase == BLOCK, self.block_slots)
-        pick = self._pick(rows, self.block_slots)
-        state = self.ints[pick].clone()
+        state = self.ints[rows]
         step = state[:, STEP].clamp(max=len(self.steps) - 1)
-        h = self.hidden[pick]
+        h = self.hidden[rows]
         cos, sin = self.model.model.rotary(state[:, POSITION], h.dtype)
         write_stream = self.write_stream[step]
         writes = self.writes[step] & real[:, None]
@@ -486,41 +479,39 @@ class Runner:
         """After a block step: count its entries, then each token's new hidden state and decision (next depth or
         exit) by the rules of :mod:`mor.model.routing`; the tail stage's rows and their inputs."""
         self._count(self.pool.pair_index(write_stream, rows[:, None]), writes, self.distinct_writes)
-        pick = self._pick(rows, self.block_slots)
         inner = self.model.model
         step = step + 1
-        gate = self.floats[pick, GATE]
+        gate = self.floats[rows, GATE]
         if inner.expert is not None:
             new = h + inner.expert.gated_update(gate, out).to(h.dtype)
             router = step.clamp(max=self.config.num_recursions - 1)  # extra recursions reuse the last router
             go, gate = inner.expert.causal_decision(router, new, self.full_capacity)
-            go = go & (step < self.ints[pick, CAP])
+            go = go & (step < self.ints[rows, CAP])
         elif inner.token is not None:
-            target = self.ints[pick, TARGET]
-            new = inner.token.step_output(self.first[pick], out, gate, step == target)
+            target = self.ints[rows, TARGET]
+            new = inner.token.step_output(self.first[rows], out, gate, step == target)
             go = step < target
         else:
-            new, go = out, step < self.ints[pick, CAP]
-        self.hidden[pick] = torch.where(real[:, None], new, h)
-        state = self.ints[pick].clone()
+            new, go = out, step < self.ints[rows, CAP]
+        self.hidden[rows] = torch.where(real[:, None], new, h)
+        state = self.ints[rows]
         state[:, STEP] = step
         state[:, PHASE] = torch.where(go, BLOCK, EXIT)
         state[:, AGE] = torch.where(go, state[:, AGE], self.counters[CLOCK])
-        self.ints[pick] = torch.where(real[:, None], state, self.ints[pick])
-        floats = self.floats[pick].clone()
+        self.ints[rows] = torch.where(real[:, None], state, self.ints[rows])
+        floats = self.floats[rows]
         floats[:, GATE] = gate
-        self.floats[pick] = torch.where(real[:, None], floats, self.floats[pick])
+        self.floats[rows] = torch.where(real[:, None], floats, self.floats[rows])
 
         phase = self.ints[:, PHASE]
         exits = phase == EXIT
         if self.lockstep:  # no depth-wise batching: tokens leave the block together, once the deepest is done
             exits = exits & ~(phase == BLOCK).any()
         rows, real = self._rows(exits | (phase == ENTER), self.tail_slots)
-        pick = self._pick(rows, self.tail_slots)
-        exiting = real & (self.ints[pick, PHASE] == EXIT)
-        cos, sin = inner.rotary(self.ints[pick, POSITION], self.hidden.dtype)
+        exiting = real & (self.ints[rows, PHASE] == EXIT)
+        cos, sin = inner.rotary(self.ints[rows, POSITION], self.hidden.dtype)
         at = self.pool.pair_index(self.coda_streams[None, :], rows[:, None])
-        return rows, real, exiting, self.hidden[pick], cos, sin, at
+        return rows, real, exiting, self.hidden[rows], cos, sin, at
 
     def _sample(self, rows: Tensor, real: Tensor, exiting: Tensor, h: Tensor, coda_at: Tensor,
                       mode: str) -> tuple[Tensor, ...]:
@@ -528,8 +519,7 @@ class Runner:
         are done; the embedded tokens to enter, with their rotary angles and prelude pairs, and the log record
         (rows, tokens, depths) of the sampled ones."""
         self._count(coda_at, exiting[:, None].expand_as(coda_at))
-        pick = self._pick(rows, self.tail_slots)
-        state, floats = self.ints[pick].clone(), self.floats[pick].clone()
+        state, floats = self.ints[rows], self.floats[rows]
         feed = state[:, FEED]
         feeding = exiting & (feed > 0)
         sampled = exiting & ~feeding
@@ -546,7 +536,7 @@ class Runner:
         state[:, REMAINING] = remaining
         state[:, SAMPLED] = state[:, SAMPLED] + sampled.long()
         state[:, FEED] = feed - feeding.long()
-        self.ints[pick] = torch.where(real[:, None], state, self.ints[pick])
+        self.ints[rows] = torch.where(real[:, None], state, self.ints[rows])
         self.counters[SAMPLED_TOKENS: FED_TOKENS + 1] += torch.stack([sampled.sum(), feeding.sum()])
         x = self.model.model.embed_tokens(token)
         cos, sin = self.model.model.rotary(position, x.dtype)
@@ -559,8 +549,7 @@ class Runner:
         once) and its new state."""
         self._count(prelude_at, entering[:, None].expand_as(prelude_at))
         inner = self.model.model
-        pick = self._pick(rows, self.tail_slots)
-        state, floats = self.ints[pick].clone(), self.floats[pick].clone()
+        state, floats = self.ints[rows], self.floats[rows]
         go = torch.ones_like(entering)
         gate = floats[:, GATE]
         if inner.expert is not None:
@@ -568,16 +557,16 @@ class Runner:
         elif inner.token is not None:
             depth, gate = inner.token.assign(h[None], None, RoutingResult())
             state[:, TARGET] = inner.token.widen(depth[0], state[:, CAP])
-            self.first[pick] = torch.where(entering[:, None], h, self.first[pick])
+            self.first[rows] = torch.where(entering[:, None], h, self.first[rows])
             gate = gate[0]
-        self.hidden[pick] = torch.where(entering[:, None], h, self.hidden[pick])
+        self.hidden[rows] = torch.where(entering[:, None], h, self.hidden[rows])
         state[:, POSITION] = position
         state[:, STEP] = 0
         state[:, AGE] = self.counters[CLOCK]
         state[:, PHASE] = torch.where(go, BLOCK, EXIT)
         floats[:, GATE] = gate
         # Entered rows take their whole new state; a finished one only its phase.
-        state = torch.where(entering[:, None], state, self.ints[pick])
+        state = torch.where(entering[:, None], state, self.ints[rows])
         state[:, PHASE] = torch.where(finished, DONE, state[:, PHASE])
-        self.ints[pick] = state
-        self.floats[pick] = torch.where(entering[:, None], floats, self.floats[pick])
+        self.ints[rows] = state
+        self.floats[rows] = torch.where(entering[:, None], floats, self.floats[rows])
