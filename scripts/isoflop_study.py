@@ -13,6 +13,8 @@ A finished run is skipped and an interrupted one resumes from its last checkpoin
 repeated in chunks. After every run, OUT/results.json (written atomically) holds each run's metrics: final and
 best validation NLL on the corpus validation split, WikiText-2 NLL, steps, tokens, FLOPs, learning rate, wall
 time and the routers' statistics. Select runs with --only (glob patterns on names), --budget, --lr, --group.
+A sweep whose best rate lies at an end of its rates, once all of them have finished, gets a run at half (or twice)
+that rate, and so on until its best lies inside: the optimum is bracketed, not assumed.
 """
 
 from __future__ import annotations
@@ -116,6 +118,34 @@ def arch(name: str) -> Arch:
 
 def grid() -> list[Run]:
     return [Run(a, budget, lr) for group, budget in PLAN for lr in LRS for a in ARCHS if a.group == group]
+
+
+def edge_runs(runs: list[Run], results: dict[str, Any]) -> list[Run]:
+    """Where a sweep has not bracketed its optimum: for each (architecture, budget) of ``runs`` whose learning
+    rates have all finished and whose best lies at the lowest (highest) of them, a run at half (twice) that rate."""
+    sweeps: dict[tuple[Arch, float], list[Run]] = {}
+    for run in runs:
+        sweeps.setdefault((run.arch, run.budget), []).append(run)
+    entries = results["runs"]
+    extra = []
+    for (a, budget), sweep in sweeps.items():
+        done = [entries.get(r.name) for r in sweep]
+        if any(e is None or e["state"] not in FINISHED for e in done):
+            continue
+        best = best_runs(done).get((a.name, budget))
+        lrs = sorted(r.lr for r in sweep)
+        if best is not None and best["lr"] in (lrs[0], lrs[-1]):
+            extra.append(Run(a, budget, lrs[0] / 2 if best["lr"] == lrs[0] else lrs[-1] * 2))
+    return extra
+
+
+def plan(results: dict[str, Any]) -> list[Run]:
+    """The grid, with each sweep extended past its edge for as long as its best rate lies there (a finished
+    extension that is best again asks for the next one): what the study runs and reports."""
+    runs = grid()
+    while extra := [r for r in edge_runs(runs, results) if r not in runs]:
+        runs += extra
+    return runs
 
 
 def select(runs: list[Run], only: Sequence[str] = (), budgets: Sequence[float] = (), lrs: Sequence[float] = (),
@@ -493,12 +523,14 @@ def report(results: dict[str, Any], runs: list[Run], out_dir: Path) -> list[Path
              f"{sum(e['name'] in optional for e in finished)} of the {len(optional)} optional ones at "
              f"{', '.join(map(sci, OPTIONAL_BUDGETS))} FLOPs. NLL: final validation, the corpus "
              "validation split (top-k routing for MoR); WikiText-2: its validation text. '(edge)': the best LR is "
-             "at an end of the sweep, so the optimum may lie beyond it.", "",
+             "at an end of the rates finished, so the optimum may lie beyond it (the study then plans a run past "
+             "that end).", "",
              "## Each model at its best learning rate", "",
              "| budget | model | best LR | LRs finished | val NLL | val NLL (causal) | WikiText-2 NLL | steps | tokens "
              "| FLOPs |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     def best_lr(e: dict[str, Any]) -> str:
-        lrs = planned[(e["arch"], e["budget"])]
+        """The best rate, flagged when it lies at an end of the finished ones (a diverged rate brackets too)."""
+        lrs = [x["lr"] for x in finished if (x["arch"], x["budget"]) == (e["arch"], e["budget"])]
         return sci(e["lr"]) + (" (edge)" if e["lr"] in (min(lrs), max(lrs)) else "")
 
     for budget in BUDGETS:
@@ -515,11 +547,12 @@ def report(results: dict[str, Any], runs: list[Run], out_dir: Path) -> list[Path
             e["arch"] == a.name and e["budget"] == budget for e in finished)]
         if not archs:
             continue
+        lrs = sorted({r.lr for r in runs if r.budget == budget})
         lines += ["", f"## Learning-rate sweep at {sci(budget)} FLOPs (val NLL)", "",
-                  "| model | " + " | ".join(sci(lr) for lr in LRS) + " |", "|---|" + "---:|" * len(LRS)]
+                  "| model | " + " | ".join(sci(lr) for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
         for a in archs:
             cells = []
-            for lr in LRS:
+            for lr in lrs:
                 e = next((x for x in finished if (x["arch"], x["budget"], x["lr"]) == (a.name, budget, lr)), None)
                 cell = "–" if e is None else "diverged" if e["state"] == "diverged" else fmt(e["val_nll"])
                 cells.append(f"**{cell}**" if e is not None and e is best.get((a.name, budget)) else cell)
@@ -606,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs whose name or architecture matches a glob, e.g. 'mor-*' or '*_1e15_*'")
     parser.add_argument("--budget", nargs="+", type=float, default=[], metavar="FLOPS",
                         help=f"budgets to run (default: all but the optional {', '.join(map(sci, OPTIONAL_BUDGETS))})")
-    parser.add_argument("--lr", nargs="+", type=float, default=[], help=f"learning rates of the grid {LRS}")
+    parser.add_argument("--lr", nargs="+", type=float, default=[],
+                        help=f"learning rates to run: the grid's {LRS} and those the sweeps' edges added")
     parser.add_argument("--group", nargs="+", choices=("main", "control", "ordering"), default=[])
     parser.add_argument("--out", type=Path, default=Path("runs/isoflop"), help="run directories (default runs/isoflop)")
     parser.add_argument("--results", type=Path, help="the results JSON (default OUT/results.json)")
@@ -631,10 +665,11 @@ def main(argv: list[str] | None = None) -> int:
     check_extra(settings)
     if args.report is not None:
         out_dir = Path(args.report) if args.report else settings.out / "report"
-        for path in report(load_results(settings.results_path), grid(), out_dir):
+        results = load_results(settings.results_path)
+        for path in report(results, plan(results), out_dir):
             print(f"wrote {path}")
         return 0
-    runs = select(grid(), args.only, args.budget, args.lr, args.group)
+    runs = select(plan(load_results(settings.results_path)), args.only, args.budget, args.lr, args.group)
     if args.list:
         list_runs(runs, settings)
         return 0

@@ -398,6 +398,37 @@ def test_the_report_picks_each_model_at_its_best_lr(tmp_path):
     assert "47 of the grid's 72 runs have finished (1 diverged), and 0 of the 12 optional ones at 1e16" in text
 
 
+def test_a_sweep_best_at_its_edge_is_extended_until_its_best_lies_inside(tmp_path):
+    def results(nll_of_lr: dict[float, float | None], arch: str = "vanilla") -> dict:
+        return {"runs": {run_of(arch, 1e15, lr).name: {
+            "arch": arch, "budget": 1e15, "lr": lr, "state": "training" if nll is None else "done", "val_nll": nll}
+            for lr, nll in nll_of_lr.items()}}
+
+    def extensions(res: dict) -> list[str]:
+        return [r.name for r in study.plan(res) if r not in study.grid()]
+
+    low = dict(zip(study.LRS, (5.0, 5.2, 5.4, 5.6)))
+    assert extensions(results(low)) == ["vanilla_1e15_lr3.75e-4"]
+    assert extensions(results({**low, 6e-3: None})) == []  # not all of the sweep has finished
+    assert extensions(results(dict(zip(study.LRS, (5.6, 5.4, 5.2, 5.0))), "recursive-3")) == [
+        "recursive-3_1e15_lr1.2e-2"]
+    assert extensions(results(dict(zip(study.LRS, (5.2, 5.0, 5.4, 5.6))))) == []  # bracketed
+    # A finished extension that is best again asks for the next; one that is not ends the sweep.
+    assert extensions(results({**low, 3.75e-4: 4.9})) == ["vanilla_1e15_lr3.75e-4", "vanilla_1e15_lr1.875e-4"]
+    assert extensions(results({**low, 3.75e-4: 5.1})) == ["vanilla_1e15_lr3.75e-4"]
+    # The report's sweep table gains the extension's column, and its best is no longer flagged as an edge.
+    res = results({**low, 3.75e-4: 5.1})
+    for entry in res["runs"].values():
+        entry.update(name=next(n for n, e in res["runs"].items() if e is entry), group="main", val_nll_causal=None,
+                     wikitext2_nll=None, steps=139, tokens=9_109_504, forward_flops=1e15, router={})
+    pytest.importorskip("matplotlib")  # the report's plots need the viz extra
+    study.report(res, study.plan(res), tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "| 1e15 | vanilla | 7.5e-4 | 5/5 | 5.000 |" in text
+    assert "| model | 3.75e-4 | 7.5e-4 | 1.5e-3 | 3e-3 | 6e-3 |" in text
+    assert "| vanilla | 5.100 | **5.000** | 5.200 | 5.400 | 5.600 |" in text
+
+
 def test_the_report_of_no_finished_run_still_writes_its_page(tmp_path):
     assert [p.name for p in study.report({"runs": {}}, study.grid(), tmp_path)] == ["report.md"]
 
@@ -429,4 +460,4 @@ def test_a_tiny_study_runs_resumes_and_reports(sample_data, tmp_path, capsys):
     with pytest.raises(SystemExit, match="differs from the grid's run"):  # 2-step runs are not the study's runs
         study.main(args)
     assert study.main(["--report", str(tmp_path / "report"), "--out", str(tmp_path / "study")]) == 0
-    assert "| 1e15 | mor-expert-3 | 3e-3 | 1/4 |" in (tmp_path / "report" / "report.md").read_text()
+    assert "| 1e15 | mor-expert-3 | 3e-3 (edge) | 1/4 |" in (tmp_path / "report" / "report.md").read_text()
