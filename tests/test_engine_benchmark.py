@@ -88,3 +88,21 @@ def test_the_prefill_benchmark_compares_both_paths_on_the_cpu(tmp_path):
         assert by[model, "prompt batch"]["operations"] < by[model, "per-layer"]["operations"]
         assert by[model, "prompt batch"]["ms"] > 0
     assert json.loads((tmp_path / "prefill_host.json").read_text())["results"] == records
+
+
+def test_the_host_time_benchmark_times_every_part_of_a_round_trip(tmp_path):
+    path = REPO_ROOT / "benchmarks" / "engine_host.py"
+    spec = importlib.util.spec_from_file_location("engine_host", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))  # it imports decode_throughput and prefill_host
+    try:
+        spec.loader.exec_module(module)
+        parts = module.main(["--device", "cpu", "--rows", "8", "--requests", "24", "--tokens", "4,8",
+                             "--out", str(tmp_path)])
+    finally:
+        sys.path.remove(str(path.parent))
+    assert set(parts) == set(module.PARTS)
+    for name in ("engine._admit", "scheduler.window", "runner.launch", "engine._collect", "runner.release"):
+        assert parts[name]["calls"] > 0 and parts[name]["ms_per_call"] > 0, name
+    saved = json.loads((tmp_path / "engine_host.json").read_text())
+    assert saved["parts"] == parts and saved["meta"]["tokens"] >= 24 * 4
