@@ -2,7 +2,8 @@ import pytest
 import torch
 from helpers import KERNEL_DEVICE, needs_kernels
 
-from mor.infer.page_pool import PagePool, kernel_available
+from mor.infer.kernel_support import kernel_available
+from mor.infer.page_pool import PagePool
 
 
 def busy_pool(device: str, seed: int, num_pages: int = 8000) -> tuple[PagePool, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Whether the engine's Triton kernels (paged attention, fused sampling) can run.
+"""Whether the engine's Triton kernels (paged attention, fused sampling, the page pool's room) can run.
 
 CUDA builds of PyTorch ship Triton. With ``TRITON_INTERPRET=1`` set before the first import, Triton runs the same
 kernels on the CPU, slowly, which is how the test suite checks them on a machine without a GPU."""

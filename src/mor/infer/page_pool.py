@@ -178,11 +178,11 @@ if triton is not None:
         tl.store(peak_ptr, tl.maximum(tl.load(peak_ptr), num_pages - (top - taken)))
 
 
-@torch.library.custom_op("mor::ensure_room", mutates_args=("tables", "held", "top", "peak", "overflow"))
 def ensure_room_kernel(active: Tensor, tables: Tensor, counts: Tensor, held: Tensor, free: Tensor, top: Tensor,
                        peak: Tensor, overflow: Tensor, entries: int, page_size: int) -> None:
     """:meth:`PagePool.ensure_room` of a pool's tensors in one Triton kernel (one program: the pairs of a pool
-    are a few thousand); the same pages as the PyTorch path."""
+    are a few thousand); the same pages as the PyTorch path. It changes ``tables``, ``held``, ``top``, ``peak``
+    and ``overflow`` in place; the engine calls it outside compiled code, once per window."""
     if not kernel_available(active.device):
         raise RuntimeError(f"ensure_room_kernel needs Triton and a CUDA device (the pool is on {active.device}); "
                            "use PagePool.ensure_room(..., kernel=False) elsewhere")
